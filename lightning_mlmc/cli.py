@@ -1,0 +1,270 @@
+"""Command line: ``lightning-mlmc sample | mlmc | mlmc-test | fit | validate | test | predict``.
+
+Bad input exits with status 2 and one line naming the field; nothing half-written is left behind
+(outputs are written to a temporary file and renamed into place).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+
+from lightning_mlmc.errors import InputError, NumericalError, WeakConvergenceFailure
+
+PROG = "lightning-mlmc"
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage block) and exit status 2."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument types that name the field in their error (argparse keeps an ArgumentTypeError's text).
+
+
+def _positive_int(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 1, got {s!r}") from None
+        if v < 1:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 1, got {v}")
+        return v
+
+    return parse
+
+
+def _nonneg_int(name):
+    def parse(s):
+        try:
+            v = int(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 0, got {s!r}") from None
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 0, got {v}")
+        return v
+
+    return parse
+
+
+def _positive_float(name):
+    def parse(s):
+        try:
+            v = float(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name}: expected a positive number, got {s!r}") from None
+        if not (math.isfinite(v) and v > 0):
+            raise argparse.ArgumentTypeError(f"{name}: expected a positive number, got {s}")
+        return v
+
+    return parse
+
+
+def _check_out(path: str) -> str:
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InputError(f"out: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"out: folder {folder} is not writable")
+    return path
+
+
+def atomic_write(path: str, write) -> None:
+    """Write through ``write(tmp_path)`` to a temporary file beside ``path``, then rename it into place."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_json(path: str, data: dict) -> None:
+    def w(tmp):
+        with open(tmp, "w") as f:
+            json.dump(data, f, indent=1)
+            f.write("\n")
+
+    atomic_write(path, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Problem / model loading shared by the commands.
+
+
+def add_problem_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--problem", help="analytic problem spec (JSON)")
+    src.add_argument("--checkpoint", help="trained model: Lightning .ckpt or exported diffusers folder")
+    p.add_argument("--observation", help="with --checkpoint: .npy/.npz/.json observation y, or val:INDEX")
+    p.add_argument("--start", choices=["gaussian", "observation", "masked"], default="gaussian",
+                   help="start distribution p_T(x | y)")
+    p.add_argument("--grid", choices=["uniform", "polynomial", "logsnr", "edm"], default="uniform")
+    p.add_argument("--rho", type=_positive_float("rho"), default=None, help="grid warp exponent")
+    p.add_argument("--seed", type=_nonneg_int("seed"), default=0)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading checkpoints that need arbitrary pickle (unsafe; trusted files only)")
+
+
+def load_target(args):
+    """Return (model, y, event_shape, start, dtype) for --problem or --checkpoint."""
+    import torch
+
+    from lightning_mlmc.problems import AnalyticSpec, ExactPosteriorEps
+    from lightning_mlmc.sampling import gaussian_start, masked_start, observation_start
+
+    if args.problem:
+        spec = AnalyticSpec.load(args.problem)
+        model = ExactPosteriorEps(spec)
+        y = torch.as_tensor(spec.y)[None]
+        shape = spec.shape
+        dtype = torch.float64
+        noise_std = spec.noise_std
+        y_img = observed = None
+        mask = spec.selection_mask()
+        if mask is not None:
+            y_img = torch.as_tensor(spec.matrix.T @ spec.y).reshape(shape)
+            observed = torch.as_tensor(mask, dtype=torch.float64).reshape(shape)
+        elif spec.matrix.shape[0] == spec.matrix.shape[1] and (spec.matrix == __import__("numpy").eye(spec.dim)).all():
+            y_img = torch.as_tensor(spec.y).reshape(shape)
+    else:
+        from lightning_mlmc.checkpoints import load_for_sampling
+
+        model, y, shape, y_img, observed, noise_std = load_for_sampling(
+            args.checkpoint, args.observation, allow_pickle=args.allow_pickle
+        )
+        dtype = torch.float32
+    if args.start == "gaussian":
+        start = gaussian_start()
+    elif args.start == "observation":
+        if y_img is None:
+            raise InputError("start: 'observation' needs a denoising problem (identity operator)")
+        start = observation_start(y_img.to(dtype), noise_std)
+    else:
+        if observed is None:
+            raise InputError("start: 'masked' needs an inpainting problem (operator rows that select pixels)")
+        start = masked_start(y_img.to(dtype), observed.to(dtype))
+    return model, y.to(dtype), tuple(shape), start, dtype
+
+
+def make_grid(args):
+    from lightning_mlmc.schedule import TimeGrid
+
+    rho = args.rho if args.rho is not None else (2.0 if args.grid == "polynomial" else 7.0)
+    return TimeGrid(args.grid, rho=rho)
+
+
+# ----------------------------------------------------------------------------------------------
+# sample
+
+
+def cmd_sample(args) -> int:
+    import numpy as np
+
+    from lightning_mlmc.sampling import NoiseSource, sample
+
+    if args.sampler.startswith("picard"):
+        if args.window is None or args.window < 1:
+            raise InputError("window: expected an integer >= 1 for a Picard sampler")
+        if not (args.tol > 0):
+            raise InputError(f"tol: expected a positive number, got {args.tol}")
+    _check_out(args.out)
+    model, y, shape, start, dtype = load_target(args)
+    noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype)
+    grid = make_grid(args)
+    if args.sampler in ("ddpm", "ddim"):
+        out = sample(model, y, noise, steps=args.steps, sampler=args.sampler, start=start, grid=grid)
+    else:
+        from lightning_mlmc.picard import picard_sample
+
+        out = picard_sample(
+            model, y, noise, steps=args.steps, sampler=args.sampler.removeprefix("picard-"),
+            window=args.window, tol=args.tol, anderson=args.anderson, max_rounds=args.max_rounds,
+            start=start, grid=grid,
+        )
+    stats = {"rounds": out.rounds, "nfe": out.nfe, "steps": out.steps, "wall_seconds": out.wall_seconds,
+             "sampler": args.sampler, "seed": args.seed}
+    stats.update({k: v for k, v in out.stats.items() if k not in stats})
+    samples = out.samples.reshape(args.num_samples, -1).double().cpu().numpy()
+
+    def w(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, samples=samples, stats=np.array(json.dumps(stats)))
+
+    atomic_write(args.out, w)
+    print(f"wrote {samples.shape[0]} samples to {args.out} "
+          f"(rounds {out.rounds}, nfe {out.nfe}, {out.wall_seconds:.2f} s)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Parser.
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Diffusion-model posterior sampling with MLMC and Picard UQ.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    p = sub.add_parser("sample", help="draw posterior samples")
+    add_problem_args(p)
+    p.add_argument("--sampler", required=True, choices=["ddpm", "ddim", "picard-ddpm", "picard-ddim"])
+    p.add_argument("--steps", type=_positive_int("steps"), required=True)
+    p.add_argument("--num-samples", type=_positive_int("num-samples"), required=True)
+    p.add_argument("--window", type=_positive_int("window"), default=None, help="Picard window p")
+    p.add_argument("--tol", type=_positive_float("tol"), default=1e-3, help="Picard tolerance")
+    p.add_argument("--anderson", type=_nonneg_int("anderson"), default=0, help="Anderson memory (0: off)")
+    p.add_argument("--max-rounds", type=_positive_int("max-rounds"), default=None)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_sample)
+
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in LIGHTNING_COMMANDS:
+        from lightning_mlmc.train_cli import run_lightning_cli
+
+        return _guarded(lambda: run_lightning_cli(argv))
+    parser = build_parser()
+
+    def run():
+        args = parser.parse_args(argv)
+        if getattr(args, "func", None) is None:
+            raise InputError("command: expected one of sample, mlmc, mlmc-test, fit, validate, test, predict")
+        return args.func(args)
+
+    return _guarded(run)
+
+
+def _guarded(fn) -> int:
+    try:
+        return int(fn() or 0)
+    except InputError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except NumericalError as e:
+        print(f"{PROG}: numerical error: {e}", file=sys.stderr)
+        return 3
+    except WeakConvergenceFailure as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Reverse-step coefficients of the VP exponential integrator and the eps / score / x0 conversions.
+
+One reverse step t -> s < t (DESIGN.md section 2), written as an increment so that the sequential
+sampler, MLMC's coupled paths and Picard's cumulative sums all use the same arithmetic:
+
+    x_s = x_t + (a - 1) x_t + c_eps eps_hat(x_t, y, t) + c_noise xi,        a = m_s / m_t.
+
+Stochastic (DDPM posterior step with Tweedie's x0_hat plugged in, i.e. the exponential integrator):
+    c_eps = -(m_s/m_t) (1 - g_t/g_s) / sigma_t,   c_noise = sqrt((1-g_s)/(1-g_t) (1 - g_t/g_s)).
+Deterministic (DDIM, eta = 0): x_s = m_s x0_hat + sigma_s eps_hat, i.e.
+    c_eps = sigma_s - m_s sigma_t / m_t,          c_noise = 0.
+At s = 0 both are Tweedie's formula x0_hat = (x_t - sigma_t eps_hat) / m_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lightning_mlmc.errors import InputError
+from lightning_mlmc.schedule import VPSchedule
+
+Tensor = torch.Tensor
+
+
+def eps_to_score(eps: Tensor, sigma) -> Tensor:
+    """score = -eps / sigma(t)."""
+    return -eps / sigma
+
+
+def score_to_eps(score: Tensor, sigma) -> Tensor:
+    """eps = -sigma(t) score."""
+    return -sigma * score
+
+
+def eps_to_x0(x_t: Tensor, eps: Tensor, m, sigma) -> Tensor:
+    """Tweedie's x0_hat = (x_t - sigma eps) / m."""
+    return (x_t - sigma * eps) / m
+
+
+def x0_to_eps(x_t: Tensor, x0: Tensor, m, sigma) -> Tensor:
+    """eps = (x_t - m x0) / sigma."""
+    return (x_t - m * x0) / sigma
+
+
+@dataclass(frozen=True)
+class StepCoefficients:
+    """float64 coefficients of the n steps t_k -> t_{k+1} of one grid; every field has shape (n,).
+
+    Attributes:
+        t: step start times t_k (where the network is evaluated).
+        s: step end times t_{k+1}.
+        a_minus_1: m_s/m_t - 1 (expm1 of the log ratio).
+        eps: c_eps, the coefficient of eps_hat.
+        noise: c_noise, the standard deviation of the injected noise (0 for the deterministic sampler).
+        ddpm_std: the DDPM posterior standard deviation of the step, whatever the sampler (Picard's
+            tolerance scale; 0 on the final Tweedie step).
+        kappa: (m_t/m_s)(1-g_s)/(1-g_t), the x_t-coefficient of the DDPM posterior mean with x0 held
+            fixed; it weights the fine noises in MLMC's coarse-noise construction.
+    """
+
+    t: Tensor
+    s: Tensor
+    a_minus_1: Tensor
+    eps: Tensor
+    noise: Tensor
+    ddpm_std: Tensor
+    kappa: Tensor
+    stochastic: bool
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+
+def step_coefficients(times: Tensor, stochastic: bool, schedule: VPSchedule | None = None) -> StepCoefficients:
+    """Coefficients of every step of the decreasing grid ``times`` (shape (n+1,), last entry 0)."""
+    schedule = schedule or VPSchedule()
+    times = times.to(torch.float64)
+    t, s = times[:-1], times[1:]
+    lm_t, lm_s = schedule.log_mean(t), schedule.log_mean(s)
+    sig2_t, sig2_s = schedule.sigma2(t), schedule.sigma2(s)
+    sig_t, sig_s = sig2_t.sqrt(), sig2_s.sqrt()
+    ratio = torch.exp(lm_s - lm_t)  # m_s / m_t >= 1
+    one_minus_gt_over_gs = -torch.expm1(2.0 * (lm_t - lm_s))  # 1 - g_t/g_s, sigma_{t|s}^2
+    ddpm_var = sig2_s / sig2_t * one_minus_gt_over_gs
+    ddpm_std = ddpm_var.clamp_min(0.0).sqrt()
+    if stochastic:
+        c_eps = -ratio * one_minus_gt_over_gs / sig_t
+        c_noise = ddpm_std
+    else:
+        c_eps = sig_s - ratio * sig_t
+        c_noise = torch.zeros_like(t)
+    kappa = sig2_s / sig2_t / ratio
+    return StepCoefficients(
+        t=t,
+        s=s,
+        a_minus_1=torch.expm1(lm_s - lm_t),
+        eps=c_eps,
+        noise=c_noise,
+        ddpm_std=ddpm_std,
+        kappa=kappa,
+        stochastic=stochastic,
+    )
+
+
+def drift_increment(x: Tensor, eps: Tensor, a_minus_1: Tensor, c_eps: Tensor) -> Tensor:
+    """The deterministic part of one step's increment, (a - 1) x + c_eps eps.
+
+    ``a_minus_1`` and ``c_eps`` are scalars or tensors broadcastable against ``x`` (a Picard window
+    passes one coefficient per row). The single step function that every sampler shares.
+    """
+    return a_minus_1.to(x.dtype) * x + c_eps.to(x.dtype) * eps
+
+
+def _bcast(c: Tensor, x: Tensor) -> Tensor:
+    """Reshape a per-row coefficient (shape (B,)) to broadcast against x (shape (B, ...))."""
+    return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
+
+
+def coarse_noise_weights(fine, j: int, M: int, coupling: str) -> Tensor:
+    """Weights w (shape (M,)) with xi_coarse = sum_i w_i xi_fine_i for coarse step j.
+
+    ``weighted``: w_i proportional to c_i prod_{r > i} kappa_r (the DDPM posterior mean's x_t-coefficients
+    with x0 held fixed), normalised so that sum w_i^2 = 1; with these weights the coarse noise term
+    c_coarse xi_coarse has exactly the variance the fine noises contribute, which telescopes to the
+    coarse step's own. ``naive``: w_i = 1/sqrt(M).
+    """
+    if coupling == "naive":
+        return torch.full((M,), M**-0.5, dtype=torch.float64)
+    if coupling != "weighted":
+        raise InputError(f"coupling: expected weighted or naive, got {coupling!r}")
+    idx = slice(j * M, (j + 1) * M)
+    c, kappa = fine.noise[idx], fine.kappa[idx]
+    later = torch.ones(M, dtype=torch.float64)
+    for i in range(M - 2, -1, -1):
+        later[i] = later[i + 1] * kappa[i + 1]
+    w = c * later
+    norm = torch.sqrt((w**2).sum())
+    if norm == 0:
+        return torch.full((M,), M**-0.5, dtype=torch.float64)
+    return w / norm
