@@ -51,17 +51,18 @@ class NoiseSource:
         seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
         return cls(seed, shape, **kw)
 
-    def _draw(self, index: int) -> Tensor:
+    def draw(self, index: int) -> Tensor:
+        """The standard normal draw number ``index`` of this stream (0 is the start, k + 1 is step k)."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, *self.stream, index))
         return torch.randn(self.shape, generator=g, dtype=self.dtype).to(self.device)
 
     def start(self) -> Tensor:
         """The standard normal draw behind x_T."""
-        return self._draw(0)
+        return self.draw(0)
 
     def step(self, k: int) -> Tensor:
         """xi_k, the standard normal noise of step k (0-based)."""
-        return self._draw(k + 1)
+        return self.draw(k + 1)
 
 
 @dataclass(frozen=True)
