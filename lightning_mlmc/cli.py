@@ -13,6 +13,7 @@ import os
 import sys
 import tempfile
 
+from lightning_mlmc import mlmc_cli
 from lightning_mlmc.errors import InputError, NumericalError, WeakConvergenceFailure
 
 PROG = "lightning-mlmc"
@@ -105,47 +106,33 @@ def write_json(path: str, data: dict) -> None:
 
 
 def add_problem_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--problem", help="analytic problem spec (JSON)")
-    src.add_argument("--checkpoint", help="trained model: Lightning .ckpt or exported diffusers folder")
-    p.add_argument("--observation", help="with --checkpoint: .npy/.npz/.json observation y, or val:INDEX")
+    p.add_argument("--problem", required=True, help="analytic problem spec (JSON)")
     p.add_argument("--start", choices=["gaussian", "observation", "masked"], default="gaussian",
                    help="start distribution p_T(x | y)")
     p.add_argument("--grid", choices=["uniform", "polynomial", "logsnr", "edm"], default="uniform")
     p.add_argument("--rho", type=_positive_float("rho"), default=None, help="grid warp exponent")
     p.add_argument("--seed", type=_nonneg_int("seed"), default=0)
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow loading checkpoints that need arbitrary pickle (unsafe; trusted files only)")
 
 
 def load_target(args):
-    """Return (model, y, event_shape, start, dtype) for --problem or --checkpoint."""
+    """Return (model, y, event_shape, start, dtype) for --problem."""
+    import numpy as np
     import torch
 
     from lightning_mlmc.problems import AnalyticSpec, ExactPosteriorEps
     from lightning_mlmc.sampling import gaussian_start, masked_start, observation_start
 
-    if args.problem:
-        spec = AnalyticSpec.load(args.problem)
-        model = ExactPosteriorEps(spec)
-        y = torch.as_tensor(spec.y)[None]
-        shape = spec.shape
-        dtype = torch.float64
-        noise_std = spec.noise_std
-        y_img = observed = None
-        mask = spec.selection_mask()
-        if mask is not None:
-            y_img = torch.as_tensor(spec.matrix.T @ spec.y).reshape(shape)
-            observed = torch.as_tensor(mask, dtype=torch.float64).reshape(shape)
-        elif spec.matrix.shape[0] == spec.matrix.shape[1] and (spec.matrix == __import__("numpy").eye(spec.dim)).all():
-            y_img = torch.as_tensor(spec.y).reshape(shape)
-    else:
-        from lightning_mlmc.checkpoints import load_for_sampling
-
-        model, y, shape, y_img, observed, noise_std = load_for_sampling(
-            args.checkpoint, args.observation, allow_pickle=args.allow_pickle
-        )
-        dtype = torch.float32
+    spec = AnalyticSpec.load(args.problem)
+    model = ExactPosteriorEps(spec)
+    y = torch.as_tensor(spec.y)[None]
+    shape, dtype, noise_std = spec.shape, torch.float64, spec.noise_std
+    y_img = observed = None
+    mask = spec.selection_mask()
+    if mask is not None:  # inpainting: y embedded in the image, observed-pixel mask
+        y_img = torch.as_tensor(spec.matrix.T @ spec.y).reshape(shape)
+        observed = torch.as_tensor(mask, dtype=torch.float64).reshape(shape)
+    elif spec.matrix.shape[0] == spec.dim and np.array_equal(spec.matrix, np.eye(spec.dim)):  # denoising
+        y_img = torch.as_tensor(spec.y).reshape(shape)
     if args.start == "gaussian":
         start = gaussian_start()
     elif args.start == "observation":
@@ -229,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)
 
+    mlmc_cli.add_commands(sub, add_problem_args, _positive_float, _positive_int, _nonneg_int)
     return parser
 
 

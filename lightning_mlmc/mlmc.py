@@ -1,0 +1,596 @@
+"""Multilevel Monte Carlo for diffusion posteriors (Haji-Ali, Pereyra, Shaw, Zygalakis 2025), with Giles'
+adaptive algorithm (Giles 2008, 2015).
+
+Level l runs the sampler with M^l fine steps; level l > Lmin returns the coupled difference
+P_l - P_{l-1}, whose coarse path uses every M-th fine time, shares x_T and y with the fine path, and
+builds its noise from the M fine noises (``coarse_noise_weights``). The split follows pymlmc: a level
+function ``level_fn(l, N, batch) -> LevelSums`` and the driver ``mlmc(level_fn, eps, ...)``.
+
+Vector payoffs (n pixels): mean_l is the RMS over pixels of the per-pixel mean of Y_l, V_l the mean over
+pixels of the per-pixel variance; the MSE target is the pixel-averaged MSE <= eps^2.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Literal
+
+import numpy as np
+import torch
+
+from lightning_mlmc.diffusion import coarse_noise_weights, drift_increment, step_coefficients
+from lightning_mlmc.errors import InputError, NumericalError, WeakConvergenceFailure
+from lightning_mlmc.sampling import Model, NoiseSource, StartDistribution, batch_obs, gaussian_start
+from lightning_mlmc.schedule import TimeGrid, VPSchedule
+
+Tensor = torch.Tensor
+Coupling = Literal["weighted", "naive"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Payoffs.
+
+
+def make_payoff(name: str | Callable = "second_moment", clip: float | None = None) -> Callable[[Tensor], Tensor]:
+    """Per-pixel payoff f: (N, n) -> (N, n). ``second_moment`` (x^2, the default), ``mean`` (x) or a
+    callable; ``clip`` clamps x to [-clip, clip] first."""
+    if callable(name):
+        base = name
+    elif name == "second_moment":
+        base = lambda x: x * x  # noqa: E731
+    elif name == "mean":
+        base = lambda x: x  # noqa: E731
+    else:
+        raise InputError(f"payoff: unknown payoff {name!r}; expected second_moment, mean or a callable")
+    if clip is not None:
+        if not clip > 0:
+            raise InputError(f"clip: expected a positive number, got {clip}")
+        return lambda x: base(x.clamp(-clip, clip))
+    return base
+
+
+def _apply_payoff(payoff, x: Tensor) -> Tensor:
+    flat = x.reshape(x.shape[0], -1)
+    out = payoff(flat)
+    if not isinstance(out, torch.Tensor) or out.shape != flat.shape:
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise InputError(f"payoff: returned {got}, expected a tensor of shape {tuple(flat.shape)} (samples x pixels)")
+    return out.to(torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Level sums.
+
+SUM_NAMES = ("y1", "y2", "y3", "y4", "f1", "f2", "c1", "c2")
+
+
+@dataclass
+class LevelSums:
+    """Per-pixel sums over samples of Y = P_f - P_c (powers 1-4), of P_f and P_c (powers 1-2), with costs."""
+
+    n: int
+    sums: dict  # name -> float64 tensor (pixels,)
+    calls: int  # network evaluations actually made (sample rows passed to the model)
+
+    @classmethod
+    def zeros(cls, pixels: int) -> "LevelSums":
+        return cls(0, {k: torch.zeros(pixels, dtype=torch.float64) for k in SUM_NAMES}, 0)
+
+    def add(self, other: "LevelSums") -> None:
+        self.n += other.n
+        self.calls += other.calls
+        for k in SUM_NAMES:
+            self.sums[k] = self.sums[k] + other.sums[k]
+
+    @classmethod
+    def from_payoffs(cls, pf: Tensor, pc: Tensor | None, calls: int) -> "LevelSums":
+        y = pf if pc is None else pf - pc
+        pc = torch.zeros_like(pf) if pc is None else pc
+        s = {"y1": y.sum(0), "y2": (y**2).sum(0), "y3": (y**3).sum(0), "y4": (y**4).sum(0),
+             "f1": pf.sum(0), "f2": (pf**2).sum(0), "c1": pc.sum(0), "c2": (pc**2).sum(0)}
+        return cls(pf.shape[0], s, calls)
+
+
+@dataclass
+class LevelStats:
+    """Statistics of one level (JSON keys ``level, n_samples, mean, var, cost`` and diagnostics)."""
+
+    level: int
+    n_samples: int
+    mean: float  # RMS over pixels of the per-pixel mean of Y_l
+    var: float  # mean over pixels of the per-pixel variance of Y_l
+    cost: float  # NFEs per sample from the formula
+    mean_fine: float  # RMS over pixels of E[P_l]
+    var_fine: float  # mean over pixels of V[P_l]
+    kurtosis: float
+    calls: int  # network evaluations counted
+
+
+def level_stats(level: int, s: LevelSums, cost: float) -> LevelStats:
+    n = max(s.n, 1)
+    m1, m2 = s.sums["y1"] / n, s.sums["y2"] / n
+    m3, m4 = s.sums["y3"] / n, s.sums["y4"] / n
+    var = (m2 - m1**2).clamp_min(0.0)
+    f1, f2 = s.sums["f1"] / n, s.sums["f2"] / n
+    central4 = m4 - 4 * m3 * m1 + 6 * m2 * m1**2 - 3 * m1**4
+    ok = var > 1e-300
+    kurt = float((central4[ok] / var[ok] ** 2).mean()) if ok.any() else 0.0
+    return LevelStats(level, s.n, float(m1.pow(2).mean().sqrt()), float(var.mean()), cost,
+                      float(f1.pow(2).mean().sqrt()), float((f2 - f1**2).clamp_min(0).mean()), kurt, s.calls)
+
+
+# ----------------------------------------------------------------------------------------------
+# The coupled level sampler.
+
+
+class CoupledLevelSampler:
+    """Draws coupled (fine, coarse) sampler paths for a level; the level function of the MLMC driver.
+
+    Args:
+        model: eps-predictor ``model(x_t, y, t)``; y: observation (leading batch dim 1).
+        shape: event shape of one sample.
+        M: refinement factor; lmin: the coarsest level (plain, uncoupled).
+        sampler: ``"ddpm"`` or ``"ddim"`` (the deterministic sampler couples through x_T alone).
+        coupling: ``"weighted"`` (variance-coefficient weights, the seed's) or ``"naive"`` (sum / sqrt(M)).
+        payoff: per-pixel payoff (see ``make_payoff``).
+        seed: base seed; each (level, batch, rank) has its own stream.
+    """
+
+    def __init__(self, model: Model, y: Tensor | None, shape, *, M: int = 2, lmin: int = 0,
+                 sampler: str = "ddpm", coupling: Coupling = "weighted", payoff="second_moment",
+                 start: StartDistribution | None = None, grid: TimeGrid | None = None,
+                 schedule: VPSchedule | None = None, seed: int = 0, dtype=torch.float64, device="cpu"):
+        if int(M) != M or M < 2:
+            raise InputError(f"M: expected an integer >= 2, got {M}")
+        if sampler not in ("ddpm", "ddim"):
+            raise InputError(f"sampler: expected ddpm or ddim for MLMC, got {sampler!r}")
+        if coupling not in ("weighted", "naive"):
+            raise InputError(f"coupling: expected weighted or naive, got {coupling!r}")
+        self.model, self.y, self.shape = model, y, tuple(shape)
+        self.M, self.lmin, self.sampler, self.coupling = int(M), int(lmin), sampler, coupling
+        self.payoff = make_payoff(payoff) if not callable(payoff) or isinstance(payoff, str) else payoff
+        self.start = start or gaussian_start()
+        self.grid, self.schedule = grid or TimeGrid(), schedule or VPSchedule()
+        self.seed, self.dtype, self.device = int(seed), dtype, device
+        self.pixels = int(np.prod(self.shape))
+        self._coef: dict[int, object] = {}
+
+    def cost(self, level: int) -> float:
+        """NFEs per sample: M^l + M^(l-1), or M^l at Lmin."""
+        return float(self.M**level + (self.M ** (level - 1) if level > self.lmin else 0))
+
+    def _coefficients(self, steps: int):
+        if steps not in self._coef:
+            times = self.grid.times(steps, self.start.t, self.schedule)
+            self._coef[steps] = step_coefficients(times, self.sampler == "ddpm", self.schedule)
+        return self._coef[steps]
+
+    @torch.no_grad()
+    def paths(self, level: int, noise: NoiseSource) -> tuple[Tensor, Tensor | None, int]:
+        """Coupled fine and coarse samples of one batch: (x_fine, x_coarse or None, network evaluations)."""
+        M, n_f = self.M, self.M**level
+        cf = self._coefficients(n_f)
+        coupled = level > self.lmin
+        cc = self._coefficients(n_f // M) if coupled else None
+        x_f = self.start.sample(noise.start())
+        x_c = x_f.clone() if coupled else None
+        batch = x_f.shape[0]
+        y1, y2 = batch_obs(self.y, batch), batch_obs(self.y, 2 * batch) if coupled else None
+        calls = 0
+        for j in range(n_f // M if coupled else n_f):
+            xi_c = None
+            for i in range(M if coupled else 1):
+                k = j * M + i if coupled else j
+                t = float(cf.t[k])
+                where = f"level {level}, step {k} (t = {t:.6g})"
+                if coupled and i == 0:
+                    # Fine and coarse evaluate at the same time: one batched call.
+                    both = torch.cat([x_f, x_c])
+                    eps = self.model(both, y2, torch.full((2 * batch,), t, dtype=torch.float64, device=both.device))
+                    eps_f, eps_c = eps[:batch], eps[batch:]
+                    calls += 2 * batch
+                else:
+                    eps_f = self.model(x_f, y1, torch.full((batch,), t, dtype=torch.float64, device=x_f.device))
+                    calls += batch
+                inc = drift_increment(x_f, eps_f, cf.a_minus_1[k], cf.eps[k])
+                if cf.noise[k] > 0:
+                    xi = noise.step(k)
+                    inc = inc + cf.noise[k].to(x_f.dtype) * xi
+                    if coupled:
+                        w = coarse_noise_weights(cf, j, M, self.coupling)[i]
+                        xi_c = float(w) * xi if xi_c is None else xi_c + float(w) * xi
+                x_f = x_f + inc
+                if coupled and i == 0:
+                    inc_c = drift_increment(x_c, eps_c, cc.a_minus_1[j], cc.eps[j])
+                if not torch.isfinite(x_f).all():
+                    raise NumericalError(f"non-finite values (NaN or Inf) in the fine path at {where}")
+            if coupled:
+                if cc.noise[j] > 0 and xi_c is not None:
+                    inc_c = inc_c + cc.noise[j].to(x_c.dtype) * xi_c
+                x_c = x_c + inc_c
+                if not torch.isfinite(x_c).all():
+                    raise NumericalError(f"non-finite values (NaN or Inf) in the coarse path at level {level}, "
+                                         f"coarse step {j} (t = {float(cc.t[j]):.6g})")
+        return x_f, x_c, calls
+
+    def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums:
+        """Sums over ``n`` coupled samples of level ``level`` from stream (seed, level, batch_index, rank)."""
+        noise = NoiseSource(self.seed, (n, *self.shape), stream=(level, batch_index, rank),
+                            dtype=self.dtype, device=self.device)
+        x_f, x_c, calls = self.paths(level, noise)
+        pf = _apply_payoff(self.payoff, x_f).cpu()
+        pc = None if x_c is None else _apply_payoff(self.payoff, x_c).cpu()
+        return LevelSums.from_payoffs(pf, pc, calls)
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed helpers.
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def _share(n: int) -> tuple[int, int]:
+    """(this rank's share of n samples, rank)."""
+    dist = _dist()
+    if dist is None:
+        return n, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return n // world + (1 if rank < n % world else 0), rank
+
+
+def _all_reduce(s: LevelSums) -> LevelSums:
+    dist = _dist()
+    if dist is None:
+        return s
+    keys = list(SUM_NAMES)
+    flat = torch.cat([s.sums[k] for k in keys] + [torch.tensor([s.n, s.calls], dtype=torch.float64)])
+    dist.all_reduce(flat)
+    p = s.sums["y1"].numel()
+    sums = {k: flat[i * p : (i + 1) * p].clone() for i, k in enumerate(keys)}
+    return LevelSums(int(flat[-2].item()), sums, int(flat[-1].item()))
+
+
+# ----------------------------------------------------------------------------------------------
+# The adaptive driver.
+
+
+@dataclass
+class MLMCResult:
+    """Result of the adaptive MLMC driver (the RESULT.json of DESIGN.md section 6 plus diagnostics)."""
+
+    estimate: list
+    levels: list
+    alpha: float
+    beta: float
+    gamma: float
+    nfe: float
+    nfe_counted: int
+    nfe_mc: float
+    savings: float
+    eps: float
+    rmse_bound: float
+    bias_estimate: float
+    wall_seconds: float
+    M: int
+    lmin: int
+    theta: float
+    converged: bool = True
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _fit_rate(levels: list[int], values: list[float], M: int) -> float:
+    """-slope of log_M(values) against level, floored at 0.5 as in Giles' code."""
+    v = np.maximum(np.asarray(values, dtype=float), 1e-300)
+    if len(levels) < 2:
+        return 0.5
+    slope = np.polyfit(np.asarray(levels, dtype=float), np.log(v) / np.log(M), 1)[0]
+    return float(max(0.5, -slope))
+
+
+def _fit_growth(levels: list[int], costs: list[float], M: int) -> float:
+    """Slope of log_M(cost) against level (gamma), floored at 0.5 as in Giles' code."""
+    if len(levels) < 2:
+        return 1.0
+    return float(max(0.5, np.polyfit(np.asarray(levels, float), np.log(costs) / np.log(M), 1)[0]))
+
+
+class _State:
+    """Per-level sums, sample counts and batch counters; saved after every batch when a path is given."""
+
+    def __init__(self, path: str | None, fingerprint: str, pixels: int):
+        self.path, self.fingerprint, self.pixels = path, fingerprint, pixels
+        self.L: int | None = None
+        self.sums: dict[int, LevelSums] = {}
+        self.batches: dict[int, int] = {}
+        self.pending: dict[int, int] = {}
+        self.fixed = {}
+
+    def ensure(self, level: int):
+        if level not in self.sums:
+            self.sums[level] = LevelSums.zeros(self.pixels)
+            self.batches[level] = 0
+            self.pending.setdefault(level, 0)
+
+    def save(self):
+        if self.path is None:
+            return
+        data = {"fingerprint": self.fingerprint, "L": self.L, "pending": self.pending, "batches": self.batches,
+                "fixed": self.fixed,
+                "levels": {l: {"n": s.n, "calls": s.calls, "sums": {k: v.tolist() for k, v in s.sums.items()}}
+                           for l, s in self.sums.items()}}
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, self.path)
+
+    def load(self) -> bool:
+        if self.path is None or not os.path.exists(self.path):
+            return False
+        try:
+            with open(self.path) as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, OSError) as e:
+            raise InputError(f"state: cannot read {self.path} ({e}); delete it to start afresh") from None
+        if data.get("fingerprint") != self.fingerprint:
+            raise InputError(f"state: {self.path} was written with different arguments; "
+                             "use the same arguments to resume or another --state file")
+        self.L = data["L"]
+        self.pending = {int(k): int(v) for k, v in data["pending"].items()}
+        self.batches = {int(k): int(v) for k, v in data["batches"].items()}
+        self.fixed = data.get("fixed", {})
+        self.sums = {int(l): LevelSums(d["n"], {k: torch.tensor(v, dtype=torch.float64) for k, v in d["sums"].items()},
+                                       d["calls"]) for l, d in data["levels"].items()}
+        return True
+
+
+def fingerprint(**args) -> str:
+    return hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def mlmc(
+    level_fn: Callable[..., LevelSums],
+    eps: float,
+    *,
+    M: int = 2,
+    lmin: int = 0,
+    lmax: int = 10,
+    n0: int = 100,
+    theta: float = 0.25,
+    cost_fn: Callable[[int], float] | None = None,
+    alpha0: float | None = None,
+    beta0: float | None = None,
+    gamma0: float | None = None,
+    batch_size: int = 1000,
+    state_path: str | None = None,
+    state_key: str = "",
+    pixels: int | None = None,
+) -> MLMCResult:
+    """Giles' adaptive MLMC driver (Giles 2015, Algorithm 1) for a vector payoff.
+
+    Args:
+        level_fn: ``level_fn(l, N, batch_index, rank) -> LevelSums``.
+        eps: target RMSE (pixel-averaged).
+        M: refinement factor; lmin, lmax: coarsest and finest allowed levels; n0: pilot samples per level.
+        theta: the share of eps^2 given to the bias (the variance gets 1 - theta).
+        cost_fn: NFEs per sample of a level (default M^l + M^(l-1), M^lmin at lmin).
+        alpha0, beta0, gamma0: fixed rates (fitted when None, floored at 0.5 as Giles).
+        batch_size: samples per level-function call; the sums are saved after every batch.
+        state_path: JSON file of the per-level sums; an existing one (same ``state_key``) is resumed.
+        pixels: payoff dimension (needed for the state; inferred from the first batch otherwise).
+
+    Raises:
+        WeakConvergenceFailure: Lmax reached and the bias test still fails (``.result`` has the estimate).
+    """
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        raise InputError(f"eps: expected a positive number, got {eps}")
+    if int(M) != M or M < 2:
+        raise InputError(f"M: expected an integer >= 2, got {M}")
+    if lmin < 0 or lmax < lmin + 1:
+        raise InputError(f"lmin/lmax: expected 0 <= lmin < lmax, got lmin={lmin}, lmax={lmax}")
+    if n0 < 2:
+        raise InputError(f"n0: expected at least 2 pilot samples, got {n0}")
+    if not 0 < theta < 1:
+        raise InputError(f"theta: expected 0 < theta < 1, got {theta}")
+    cost_fn = cost_fn or (lambda l: float(M**l + (M ** (l - 1) if l > lmin else 0)))
+    tic = time.perf_counter()
+    pixels = pixels or getattr(level_fn, "pixels", None)
+    if pixels is None:  # probe the payoff dimension on a stream the estimate never uses
+        pixels = level_fn(lmin, 2, 2**31, 0).sums["y1"].numel()
+    st = _State(state_path, fingerprint(key=state_key, eps=eps, M=M, lmin=lmin, lmax=lmax, n0=n0, theta=theta,
+                                        alpha0=alpha0, beta0=beta0, gamma0=gamma0, batch_size=batch_size), pixels)
+    if not st.load():
+        st.L = lmin + 2
+        for l in range(lmin, st.L + 1):
+            st.ensure(l)
+            st.pending[l] = n0
+        st.save()
+
+    def run_pending():
+        for l in sorted(st.pending):
+            while st.pending[l] > 0:
+                nb = min(batch_size, st.pending[l])
+                share, rank = _share(nb)
+                part = level_fn(l, share, st.batches[l], rank) if share > 0 else LevelSums.zeros(pixels)
+                part = _all_reduce(part)
+                st.sums[l].add(part)
+                st.batches[l] += 1
+                st.pending[l] -= nb
+                st.save()
+
+    def stats():
+        return [level_stats(l, st.sums[l], cost_fn(l)) for l in range(lmin, st.L + 1)]
+
+    def rates(ls):
+        coupled = [s for s in ls if s.level > lmin]
+        lv = [s.level for s in coupled]
+        ml, vl = [s.mean for s in coupled], [s.var for s in coupled]
+        # Giles' fix for possible zero values at fine levels.
+        a_tmp, b_tmp = (alpha0 or 1.0), (beta0 or 1.0)
+        for i in range(1, len(coupled)):
+            ml[i] = max(ml[i], 0.5 * ml[i - 1] / M**a_tmp)
+            vl[i] = max(vl[i], 0.5 * vl[i - 1] / M**b_tmp)
+        alpha = alpha0 if alpha0 is not None else _fit_rate(lv, ml, M)
+        beta = beta0 if beta0 is not None else _fit_rate(lv, vl, M)
+        gamma = gamma0 if gamma0 is not None else _fit_growth(lv, [s.cost for s in coupled], M)
+        return ml, vl, alpha, beta, gamma
+
+    def bias_estimate(ml, alpha):
+        rng = range(min(3, len(ml)))
+        return max(ml[-1 - r] / M ** (r * alpha) for r in rng) / (M**alpha - 1)
+
+    converged = True
+    while True:
+        run_pending()
+        ls = stats()
+        ml, vl, alpha, beta, gamma = rates(ls)
+        var = [ls[0].var] + vl
+        cost = [s.cost for s in ls]
+        total = sum(math.sqrt(v * c) for v, c in zip(var, cost))
+        ns = [math.ceil(math.sqrt(v / c) * total / ((1 - theta) * eps**2)) for v, c in zip(var, cost)]
+        dn = {s.level: max(0, n - s.n_samples) for s, n in zip(ls, ns)}
+        if all(dn[l] <= 0.01 * st.sums[l].n for l in dn):
+            rem = bias_estimate(ml, alpha)
+            if rem > math.sqrt(theta) * eps:
+                if st.L == lmax:
+                    converged = False
+                    break
+                st.L += 1
+                st.ensure(st.L)
+                var.append(var[-1] / M**beta)
+                cost.append(cost_fn(st.L))
+                total = sum(math.sqrt(v * c) for v, c in zip(var, cost))
+                ns = [math.ceil(math.sqrt(v / c) * total / ((1 - theta) * eps**2)) for v, c in zip(var, cost)]
+                dn = {l: max(0, n - st.sums[l].n) for l, n in zip(range(lmin, st.L + 1), ns)}
+            else:
+                break
+        if sum(dn.values()) == 0:
+            break
+        st.pending.update(dn)
+        st.save()
+
+    ls = stats()
+    ml, vl, alpha, beta, gamma = rates(ls)
+    estimate = sum(st.sums[l].sums["y1"] / st.sums[l].n for l in range(lmin, st.L + 1))
+    var_est = sum(s.var / s.n_samples for s in ls)
+    bias = bias_estimate(ml, alpha)
+    nfe = sum(s.n_samples * s.cost for s in ls)
+    nfe_mc = ls[-1].var_fine * M**st.L / ((1 - theta) * eps**2)
+    result = MLMCResult(
+        estimate=estimate.tolist(), levels=[asdict(s) for s in ls], alpha=alpha, beta=beta, gamma=gamma,
+        nfe=float(nfe), nfe_counted=int(sum(s.calls for s in ls)), nfe_mc=float(nfe_mc),
+        savings=float(nfe_mc / nfe), eps=float(eps), rmse_bound=float(math.sqrt(var_est + bias**2)),
+        bias_estimate=float(bias), wall_seconds=time.perf_counter() - tic, M=M, lmin=lmin, theta=theta,
+        converged=converged,
+    )
+    if not converged:
+        raise WeakConvergenceFailure(
+            f"weak convergence failed: the bias estimate {bias:.3g} still exceeds sqrt(theta) eps = "
+            f"{math.sqrt(theta) * eps:.3g} at Lmax = {lmax}; raise --lmax or eps", result)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# mlmc_test: Giles' convergence and complexity tables.
+
+
+@dataclass
+class ConvergenceRow:
+    level: int
+    mean: float  # ave(Pf - Pc) (RMS over pixels)
+    mean_fine: float  # ave(Pf)
+    var: float  # var(Pf - Pc)
+    var_fine: float  # var(Pf)
+    kurtosis: float
+    check: float
+    cost: float
+    calls: int
+
+
+@dataclass
+class MLMCTestResult:
+    rows: list
+    alpha: float
+    beta: float
+    gamma: float
+    complexity: list = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def tables(self) -> str:
+        out = ["l  ave(Pf-Pc)  ave(Pf)  var(Pf-Pc)  var(Pf)  kurtosis  check  cost"]
+        for r in self.rows:
+            out.append(f"{r.level:<2d} {r.mean:11.4e} {r.mean_fine:9.4e} {r.var:11.4e} {r.var_fine:9.4e} "
+                       f"{r.kurtosis:9.2f} {r.check:6.3f} {r.cost:6.0f}")
+        out.append(f"alpha = {self.alpha:.3f}  beta = {self.beta:.3f}  gamma = {self.gamma:.3f}")
+        if self.complexity:
+            out.append("eps  value  mlmc_cost  std_cost  savings  N_l")
+            for c in self.complexity:
+                out.append(f"{c['eps']:.4g} {c['value']:.5g} {c['mlmc_cost']:.4g} {c['std_cost']:.4g} "
+                           f"{c['savings']:.2f} {' '.join(str(n) for n in c['N_l'])}")
+        return "\n".join(out)
+
+
+def mlmc_test(sampler: CoupledLevelSampler, levels: int, samples: int, eps_list=(), *, n0: int = 100,
+              theta: float = 0.25, lmax: int = 10, batch_size: int = 1000) -> MLMCTestResult:
+    """Giles' mlmc_test: ``samples`` coupled samples on every level lmin..levels, the convergence table
+    with kurtosis and the consistency check, fitted rates, then one adaptive run per eps."""
+    if levels <= sampler.lmin:
+        raise InputError(f"levels: expected more than lmin = {sampler.lmin}, got {levels}")
+    tic = time.perf_counter()
+    rows, prev = [], None
+    for l in range(sampler.lmin, levels + 1):
+        s = LevelSums.zeros(sampler.pixels)
+        done, b = 0, 0
+        while done < samples:
+            nb = min(batch_size, samples - done)
+            share, rank = _share(nb)
+            s.add(_all_reduce(sampler(l, share, b, rank) if share > 0 else LevelSums.zeros(sampler.pixels)))
+            done, b = done + nb, b + 1
+        st = level_stats(l, s, sampler.cost(l))
+        n = s.n
+        y1, f1, c1 = s.sums["y1"] / n, s.sums["f1"] / n, s.sums["c1"] / n
+        var_y = (s.sums["y2"] / n - y1**2).clamp_min(0)
+        var_f = (s.sums["f2"] / n - f1**2).clamp_min(0)
+        if prev is None:
+            check = 0.0
+        else:
+            pf1, pvar_f = prev
+            num = (y1 + pf1 - f1).abs()
+            den = 3.0 * (var_y.sqrt() + pvar_f.sqrt() + var_f.sqrt()) / math.sqrt(n)
+            ok = den > 0
+            check = float((num[ok] / den[ok]).pow(2).mean().sqrt()) if ok.any() else 0.0
+        prev = (f1, var_f)
+        rows.append(ConvergenceRow(l, st.mean, st.mean_fine, st.var, st.var_fine, st.kurtosis, check, st.cost, s.calls))
+    coupled = [r for r in rows if r.level > sampler.lmin]
+    lv = [r.level for r in coupled]
+    alpha = _fit_rate(lv, [r.mean for r in coupled], sampler.M)
+    beta = _fit_rate(lv, [r.var for r in coupled], sampler.M)
+    gamma = _fit_growth(lv, [r.cost for r in coupled], sampler.M)
+    res = MLMCTestResult(rows, alpha, beta, gamma)
+    for e in eps_list:
+        try:
+            r = mlmc(sampler, e, M=sampler.M, lmin=sampler.lmin, lmax=lmax, n0=n0, theta=theta,
+                     cost_fn=sampler.cost, batch_size=batch_size, pixels=sampler.pixels)
+            converged = True
+        except WeakConvergenceFailure as fail:
+            r, converged = fail.result, False
+        res.complexity.append({"eps": e, "value": float(np.sqrt(np.mean(np.square(r.estimate)))),
+                               "mlmc_cost": r.nfe, "std_cost": r.nfe_mc, "savings": r.savings,
+                               "N_l": [lv_["n_samples"] for lv_ in r.levels], "converged": converged})
+    res.wall_seconds = time.perf_counter() - tic
+    return res
