@@ -412,7 +412,7 @@ def mlmc(
     st = _State(state_path, fingerprint(key=state_key, eps=eps, M=M, lmin=lmin, lmax=lmax, n0=n0, theta=theta,
                                         alpha0=alpha0, beta0=beta0, gamma0=gamma0, batch_size=batch_size), pixels)
     if not st.load():
-        st.L = lmin + 2
+        st.L = min(lmin + 2, lmax)
         for l in range(lmin, st.L + 1):
             st.ensure(l)
             st.pending[l] = n0
@@ -487,7 +487,9 @@ def mlmc(
     var_est = sum(s.var / s.n_samples for s in ls)
     bias = bias_estimate(ml, alpha)
     nfe = sum(s.n_samples * s.cost for s in ls)
-    nfe_mc = ls[-1].var_fine * M**st.L / ((1 - theta) * eps**2)
+    # V[P_L] barely depends on L; take it from the finest level with enough samples to estimate it.
+    var_pl = next((s.var_fine for s in reversed(ls) if s.n_samples >= min(100, n0)), ls[0].var_fine)
+    nfe_mc = var_pl * M**st.L / ((1 - theta) * eps**2)
     result = MLMCResult(
         estimate=estimate.tolist(), levels=[asdict(s) for s in ls], alpha=alpha, beta=beta, gamma=gamma,
         nfe=float(nfe), nfe_counted=int(sum(s.calls for s in ls)), nfe_mc=float(nfe_mc),
