@@ -184,6 +184,7 @@ class CoupledLevelSampler:
         calls = 0
         for j in range(n_f // M if coupled else n_f):
             xi_c = None
+            w_c = coarse_noise_weights(cf, j, M, self.coupling).tolist() if coupled else None
             for i in range(M if coupled else 1):
                 k = j * M + i if coupled else j
                 t = float(cf.t[k])
@@ -202,8 +203,7 @@ class CoupledLevelSampler:
                     xi = noise.step(k)
                     inc = inc + cf.noise[k].to(x_f.dtype) * xi
                     if coupled:
-                        w = coarse_noise_weights(cf, j, M, self.coupling)[i]
-                        xi_c = float(w) * xi if xi_c is None else xi_c + float(w) * xi
+                        xi_c = w_c[i] * xi if xi_c is None else xi_c + w_c[i] * xi
                 x_f = x_f + inc
                 if coupled and i == 0:
                     inc_c = drift_increment(x_c, eps_c, cc.a_minus_1[j], cc.eps[j])
