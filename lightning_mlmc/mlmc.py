@@ -316,7 +316,6 @@ class _State:
         self.sums: dict[int, LevelSums] = {}
         self.batches: dict[int, int] = {}
         self.pending: dict[int, int] = {}
-        self.fixed = {}
 
     def ensure(self, level: int):
         if level not in self.sums:
@@ -328,7 +327,6 @@ class _State:
         if self.path is None:
             return
         data = {"fingerprint": self.fingerprint, "L": self.L, "pending": self.pending, "batches": self.batches,
-                "fixed": self.fixed,
                 "levels": {l: {"n": s.n, "calls": s.calls, "sums": {k: v.tolist() for k, v in s.sums.items()}}
                            for l, s in self.sums.items()}}
         tmp = f"{self.path}.tmp-{os.getpid()}"
@@ -350,7 +348,6 @@ class _State:
         self.L = data["L"]
         self.pending = {int(k): int(v) for k, v in data["pending"].items()}
         self.batches = {int(k): int(v) for k, v in data["batches"].items()}
-        self.fixed = data.get("fixed", {})
         self.sums = {int(l): LevelSums(d["n"], {k: torch.tensor(v, dtype=torch.float64) for k, v in d["sums"].items()},
                                        d["calls"]) for l, d in data["levels"].items()}
         return True

@@ -117,19 +117,13 @@ def plot_levels(levels: list[dict], folder: str, M: int = 2, complexity: list | 
     log = lambda v: math.log(max(v, 1e-300), M)  # noqa: E731
     paths = []
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot(ls[1:], [log(d["var"]) for d in levels[1:]], "o-", label="P_l - P_(l-1)")
-    ax.plot(ls, [log(d["var_fine"]) for d in levels], "s--", label="P_l")
-    ax.set(xlabel="level l", ylabel=f"log_{M} variance", title="V_l")
-    ax.legend()
-    paths.append(_save(fig, folder, "variance.png"))
-
-    fig, ax = plt.subplots(figsize=(4.5, 3.5))
-    ax.plot(ls[1:], [log(d["mean"]) for d in levels[1:]], "o-", label="P_l - P_(l-1)")
-    ax.plot(ls, [log(d["mean_fine"]) for d in levels], "s--", label="P_l")
-    ax.set(xlabel="level l", ylabel=f"log_{M} |mean|", title="mean_l")
-    ax.legend()
-    paths.append(_save(fig, folder, "mean.png"))
+    for key, title, name in (("var", "V_l", "variance.png"), ("mean", "mean_l", "mean.png")):
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        ax.plot(ls[1:], [log(d[key]) for d in levels[1:]], "o-", label="P_l - P_(l-1)")
+        ax.plot(ls, [log(d[f"{key}_fine"]) for d in levels], "s--", label="P_l")
+        ax.set(xlabel="level l", ylabel=f"log_{M} {'variance' if key == 'var' else '|mean|'}", title=title)
+        ax.legend()
+        paths.append(_save(fig, folder, name))
 
     fig, ax = plt.subplots(figsize=(4.5, 3.5))
     runs = complexity or [{"eps": None, "N_l": [d["n_samples"] for d in levels]}]

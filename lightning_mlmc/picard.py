@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import torch
 
@@ -132,15 +131,6 @@ class _Anderson:
         out = (g_new.reshape(p, -1) - (dG @ gamma).squeeze(-1)).reshape(g_new.shape)
         out[0] = g_new[0]
         return out
-
-
-@dataclass(frozen=True)
-class PicardStats:
-    rounds: int
-    nfe: int
-    steps: int
-    wall_seconds: float
-    residuals: list
 
 
 @torch.no_grad()
