@@ -1,0 +1,136 @@
+"""Training-step time of ``ScoreModule`` under a Lightning Trainer against a plain PyTorch loop.
+
+    python benchmarks/train_throughput.py [--steps 60] [--repeats 3] [--batch-size 128]
+
+Both run the same UNet (configs/digits_superres.yaml sizes), the same batches from the same
+DataLoader, the same loss (``ScoreModule.dsm_loss``), AdamW with the same warm-up schedule, on the same
+device. The Lightning run has no logger, checkpointing or progress bar (framework overhead only); a
+second Lightning row adds the EMA callback (a real cost, reported separately). Per-step times are
+steady-state: the first ``warmup`` steps are dropped. The variants alternate ``repeats`` times in one
+process and the medians are compared, since this machine is noisy. Writes
+benchmarks/results/train_throughput.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import pytorch_lightning as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from machine import machine_info  # noqa: E402
+
+from datamodules import DigitsDataModule  # noqa: E402
+from lightning_mlmc.module import ScoreModule  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OPERATOR = {"name": "superres", "factor": 2, "noise_std": 0.05}
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+class StepTimer(pl.Callback):
+    """Wall time from the start of step ``warmup`` to the end of the last step."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warmup and self.start is None:
+            _sync(pl_module.device)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.start is not None:
+            _sync(pl_module.device)
+            self.end, self.steps = time.perf_counter(), self.steps + 1
+
+
+def batches(dm):
+    """An endless iterator over the training DataLoader."""
+    while True:
+        yield from dm.train_dataloader()
+
+
+def plain_loop(dm, steps: int, warmup: int, device) -> float:
+    pl.seed_everything(0)
+    module = ScoreModule(operator=dm.operator_config()).to(device)
+    opt_conf = module.configure_optimizers()
+    opt, sched = opt_conf["optimizer"], opt_conf["lr_scheduler"]["scheduler"]
+    module.train()
+    it = batches(dm)
+    start = None
+    for step in range(steps):
+        if step == warmup:
+            _sync(device)
+            start = time.perf_counter()
+        x, y = next(it)
+        x, y = x.to(device), y.to(device)
+        loss = module.dsm_loss(x, y).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    _sync(device)
+    return (time.perf_counter() - start) / (steps - warmup)
+
+
+def lightning_loop(dm, steps: int, warmup: int, device, ema: bool) -> float:
+    pl.seed_everything(0)
+    module = ScoreModule(operator=dm.operator_config())
+    timer = StepTimer(warmup)
+    callbacks = [timer] + ([pl.callbacks.EMAWeightAveraging(decay=0.995)] if ema else [])
+    trainer = pl.Trainer(max_steps=steps, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
+                         accelerator=device.type, devices=1, max_epochs=-1)
+    trainer.fit(module, dm)
+    return (timer.end - timer.start) / timer.steps
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dm = DigitsDataModule(OPERATOR, batch_size=args.batch_size)
+    dm.setup("fit")
+    times = {"plain": [], "lightning": [], "lightning_ema": []}
+    for _ in range(args.repeats):
+        times["plain"].append(plain_loop(dm, args.steps, args.warmup, device))
+        times["lightning"].append(lightning_loop(dm, args.steps, args.warmup, device, ema=False))
+        times["lightning_ema"].append(lightning_loop(dm, args.steps, args.warmup, device, ema=True))
+        print({k: round(v[-1] * 1e3, 2) for k, v in times.items()}, "ms/step")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "machine": machine_info(),
+        "device": str(device),
+        "batch_size": args.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "repeats": args.repeats,
+        "ms_per_step": {k: [round(t * 1e3, 3) for t in v] for k, v in times.items()},
+        "median_ms_per_step": {k: round(v * 1e3, 3) for k, v in med.items()},
+        "overhead_lightning": med["lightning"] / med["plain"] - 1.0,
+        "overhead_lightning_ema": med["lightning_ema"] / med["plain"] - 1.0,
+        "target_overhead": 0.05,
+    }
+    print(json.dumps({k: result[k] for k in ("median_ms_per_step", "overhead_lightning", "overhead_lightning_ema")}))
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    name = "train_throughput.json" if device.type == "cpu" else f"train_throughput_{device.type}.json"
+    with open(os.path.join(ROOT, "benchmarks", "results", name), "w") as f:
+        json.dump(result, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Training with a real Lightning Trainer, offline W&B, EMA, checkpoints, diffusers export, LightningCLI."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+from pytorch_lightning.loggers import WandbLogger
+
+from datamodules import AnalyticDataModule, DigitsDataModule
+from lightning_mlmc.cli import main as cli_main
+from lightning_mlmc.errors import InputError
+from lightning_mlmc.module import ScoreModule, load_exported, load_score_model, load_score_module
+from problems import EXAMPLES
+from torchvision_files import write_mnist
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(ROOT, "configs")
+SUPERRES = {"name": "superres", "factor": 2, "noise_std": 0.05}
+TINY = {"channels": [8, 16], "attention": False, "warmup_steps": 2}
+
+
+def tiny_module(dm, **kw) -> ScoreModule:
+    return ScoreModule(operator=dm.operator_config(), **{**TINY, **kw})
+
+
+def probe(model, dm, seed=0):
+    """A fixed batch of network inputs and the outputs of ``model`` on them (float64 comparisons)."""
+    x, y = dm.validation_observations(4)
+    g = torch.Generator().manual_seed(seed)
+    x_t = torch.randn(x.shape, generator=g)
+    t = torch.rand(4, generator=g)
+    with torch.no_grad():
+        return model(x_t, y, t)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """One short real fit (6 steps) with W&B offline, EMA and a last.ckpt written during training."""
+    tmp = tmp_path_factory.mktemp("fit")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    pl.seed_everything(0)
+    dm = DigitsDataModule(SUPERRES, batch_size=32)
+    module = tiny_module(dm)
+    logger = WandbLogger(project="lightning-mlmc-test", save_dir=str(tmp), offline=True)
+    ckpt_cb = ModelCheckpoint(dirpath=str(tmp / "checkpoints"), save_last=True)
+    trainer = pl.Trainer(max_steps=6, limit_val_batches=1, num_sanity_val_steps=0, val_check_interval=3,
+                         logger=logger, callbacks=[EMAWeightAveraging(decay=0.5), ckpt_cb], log_every_n_steps=1,
+                         enable_progress_bar=False, default_root_dir=str(tmp), accelerator="cpu")
+    trainer.fit(module, dm)
+    import wandb
+
+    wandb.finish()
+    return {"tmp": tmp, "dm": dm, "module": module, "ckpt": str(tmp / "checkpoints" / "last.ckpt")}
+
+
+def test_fit_writes_an_offline_wandb_run_with_train_loss(fitted):
+    runs = glob.glob(str(fitted["tmp"] / "wandb" / "offline-run-*"))
+    assert len(runs) == 1
+    records = glob.glob(os.path.join(runs[0], "run-*.wandb"))
+    assert records and b"train/loss" in open(records[0], "rb").read()
+    assert b"val/loss" in open(records[0], "rb").read()
+
+
+def test_checkpoint_holds_ema_weights_and_loads_weights_only(fitted):
+    ckpt = torch.load(fitted["ckpt"], map_location="cpu", weights_only=True)  # no pickled Python objects
+    ema, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert ema.keys() == raw.keys()
+    assert any(not torch.equal(ema[k], raw[k]) for k in ema)  # the averaged weights differ from the raw ones
+    # After fit, the module holds the EMA weights (the callback copies them in at the end of training).
+    module_state = fitted["module"].state_dict()
+    for k, v in ema.items():
+        torch.testing.assert_close(module_state[k], v, rtol=0, atol=0)
+
+
+def test_checkpoint_and_export_round_trips_give_identical_outputs(fitted, tmp_path):
+    dm, module = fitted["dm"], fitted["module"].eval()
+    reference = probe(module, dm)
+    loaded = load_score_module(fitted["ckpt"])
+    assert torch.equal(probe(loaded, dm), reference)
+    folder = tmp_path / "export"
+    loaded.export(str(folder))
+    assert (folder / "diffusion_pytorch_model.safetensors").is_file()
+    assert json.loads((folder / "config.json").read_text())["_class_name"] == "UNet2DModel"
+    meta = json.loads((folder / "lightning_mlmc.json").read_text())
+    assert meta["operator"] == dm.operator_config() and meta["schedule"] == {"beta_min": 0.1, "beta_max": 20.0}
+    exported = load_exported(str(folder))
+    assert torch.equal(probe(exported, dm), reference)
+    assert torch.equal(probe(load_score_model(str(folder)), dm), reference)
+
+
+def test_mlp_export_round_trip(tmp_path):
+    dm = AnalyticDataModule(os.path.join(EXAMPLES, "bimodal2d.json"), num_train=64, num_val=8, num_test=8)
+    module = ScoreModule(operator=dm.operator_config(), network="mlp", mlp_hidden=32, mlp_layers=2)
+    torch.nn.init.normal_(module.model.network.out[-1].weight)  # the zero-initialised head would hide errors
+    module.export(str(tmp_path / "mlp"))
+    x = torch.randn(5, *dm.image_shape)
+    y = dm.operator.observe(x)
+    t = torch.rand(5)
+    with torch.no_grad():
+        assert torch.equal(load_exported(str(tmp_path / "mlp"))(x, y, t), module(x, y, t))
+
+
+def test_resume_continues_the_ema_average(fitted, tmp_path):
+    dm = fitted["dm"]
+    before = torch.load(fitted["ckpt"], map_location="cpu", weights_only=True)
+    assert int(before["averaging_state"]["n_averaged"]) == 6
+    ckpt_cb = ModelCheckpoint(dirpath=str(tmp_path), save_last=True)
+    trainer = pl.Trainer(max_steps=9, limit_val_batches=0, logger=False, callbacks=[EMAWeightAveraging(decay=0.5),
+                         ckpt_cb], enable_progress_bar=False, accelerator="cpu")
+    trainer.fit(tiny_module(dm), dm, ckpt_path=fitted["ckpt"])
+    after = torch.load(str(tmp_path / "last.ckpt"), map_location="cpu", weights_only=True)
+    assert int(after["averaging_state"]["n_averaged"]) == 9
+    assert after["global_step"] == 9
+
+
+def test_unreadable_checkpoints_are_clear_errors(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="checkpoint: cannot read"):
+        load_score_module(str(bad))
+    with pytest.raises(InputError, match="checkpoint: no such file"):
+        load_score_module(str(tmp_path / "missing.ckpt"))
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.ckpt")
+    with pytest.raises(InputError, match="not a lightning-mlmc ScoreModule checkpoint"):
+        load_score_module(str(tmp_path / "other.ckpt"))
+    with pytest.raises(InputError, match="not an exported lightning-mlmc model"):
+        load_exported(str(tmp_path))
+
+
+# ------------------------------------------------------------------------------------------------
+# LightningCLI
+
+
+def cli_fit(config, tmp_path, *extra):
+    return cli_main(["fit", "--config", os.path.join(CONFIGS, config), "--trainer.max_steps", "2",
+                     "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
+                     "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
+                     "--trainer.default_root_dir", str(tmp_path), *extra])
+
+
+def test_cli_fit_digits_superres_writes_checkpoint_config_and_wandb(tmp_path):
+    assert cli_fit("digits_superres.yaml", tmp_path, "--model.channels", "[8, 16]") == 0
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    module = load_score_module(str(ckpt))
+    assert module.operator.config()["name"] == "superres" and module.hparams.channels == [8, 16]
+    assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert glob.glob(str(tmp_path / "**" / "config.yaml"), recursive=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", ["digits_inpaint.yaml", "digits_denoise.yaml", "analytic_inpaint.yaml",
+                                    "mnist_superres.yaml"])
+def test_every_config_trains_without_edits(config, tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # configs name paths relative to the repository (examples/, data/)
+    extra = []
+    if config.startswith("mnist"):
+        write_mnist(tmp_path / "data", n_train=64, n_test=16)
+        extra = ["--data.init_args.root", str(tmp_path / "data"), "--data.init_args.val_size", "16",
+                 "--data.init_args.num_workers", "0"]
+    assert cli_fit(config, tmp_path, *extra) == 0
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_cli_with_wandb_disabled_falls_back_to_csv(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert cli_fit("digits_superres.yaml", tmp_path, "--model.channels", "[8, 16]") == 0
+    metrics = glob.glob(str(tmp_path / "**" / "metrics.csv"), recursive=True)
+    assert metrics and "train/loss" in open(metrics[0]).read()
+    assert not glob.glob(str(tmp_path / "wandb" / "offline-run-*"))
+
+
+def run_cli(*args, cwd=ROOT):
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    return subprocess.run([sys.executable, "-m", "lightning_mlmc.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--model.lrr", "0.1"], "lrr"),
+    (["--data.init_args.operator", "{name: superres, factor: 3}"], "factor: 3 does not divide"),
+    (["--data.init_args.operator", "{name: blur}"], "unknown operator 'blur'"),
+    (["--ckpt_path", "missing.ckpt"], "ckpt_path: no such checkpoint file"),
+])
+def test_cli_bad_input_is_one_line_with_status_2(tmp_path, extra, needle):
+    res = run_cli("fit", "--config", os.path.join(CONFIGS, "digits_superres.yaml"),
+                  "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1", *extra)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in res.stderr, res.stderr[-2000:]
+
+
+def test_cli_unknown_dataset_and_garbage_checkpoint(tmp_path):
+    res = run_cli("fit", "--config", os.path.join(CONFIGS, "mnist_superres.yaml"),
+                  "--data.init_args.dataset", "svhn", "--trainer.default_root_dir", str(tmp_path))
+    assert res.returncode == 2 and "svhn" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    bad = tmp_path / "bad.ckpt"
+    bad.write_text("garbage")
+    res = run_cli("validate", "--config", os.path.join(CONFIGS, "digits_superres.yaml"), "--ckpt_path", str(bad),
+                  "--trainer.default_root_dir", str(tmp_path))
+    assert res.returncode == 2 and "not a PyTorch checkpoint" in res.stderr, res.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# DDP
+
+DDP_SCRIPT = r'''
+import os, sys, torch, pytorch_lightning as pl
+sys.path.insert(0, {root!r})
+from datamodules import DigitsDataModule
+from lightning_mlmc.module import ScoreModule
+pl.seed_everything(0)
+dm = DigitsDataModule({{"name": "superres", "factor": 2, "noise_std": 0.05}}, batch_size=16)
+module = ScoreModule(operator=dm.operator_config(), channels=[8, 16], attention=False, warmup_steps=2)
+trainer = pl.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=3, limit_val_batches=0,
+                     logger=False, enable_checkpointing=False, enable_progress_bar=False)
+trainer.fit(module, dm)
+flat = torch.cat([p.detach().flatten() for p in module.parameters()])
+torch.save(flat, os.path.join({out!r}, f"params_rank{{trainer.global_rank}}.pt"))
+'''
+
+
+@pytest.mark.slow
+def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT.format(root=ROOT, out=str(tmp_path)))
+    env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
+                         timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    p0, p1 = torch.load(tmp_path / "params_rank0.pt"), torch.load(tmp_path / "params_rank1.pt")
+    assert torch.equal(p0, p1)
+    init = ScoreModule(operator=DigitsDataModule(SUPERRES).operator_config(), channels=[8, 16], attention=False)
+    assert p0.numel() == sum(p.numel() for p in init.parameters())
