@@ -7,17 +7,12 @@ from torch import Tensor
 
 from datamodules.base import InverseProblemDataModule
 from lightning_mlmc.errors import InputError
-from lightning_mlmc.problems import AnalyticSpec
+from lightning_mlmc.problems import AnalyticSpec, prior_mixture
 
 
 def sample_prior(spec: AnalyticSpec, n: int, generator: torch.Generator) -> Tensor:
     """n draws from the spec's prior mixture, shape (n, *spec.shape), float32."""
-    weights = torch.as_tensor(spec.weights)
-    comp = torch.multinomial(weights, n, replacement=True, generator=generator)
-    chol = torch.linalg.cholesky(torch.as_tensor(spec.covs))  # (K, n, n)
-    z = torch.randn(n, spec.dim, generator=generator, dtype=torch.float64)
-    x = torch.as_tensor(spec.means)[comp] + torch.einsum("bij,bj->bi", chol[comp], z)
-    return x.float().reshape(n, *spec.shape)
+    return prior_mixture(spec).sample(n, generator).float().reshape(n, *spec.shape)
 
 
 class AnalyticDataModule(InverseProblemDataModule):

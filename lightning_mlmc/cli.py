@@ -106,7 +106,11 @@ def write_json(path: str, data: dict) -> None:
 
 
 def add_problem_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--problem", required=True, help="analytic problem spec (JSON)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--problem", help="analytic problem spec (JSON): exact score")
+    src.add_argument("--checkpoint", help="trained model: a Lightning .ckpt or an exported model folder")
+    p.add_argument("--observation", help="with --checkpoint: y as .npy, or .npz with key 'y' "
+                                          "(observation shape, optionally with a leading 1)")
     p.add_argument("--start", choices=["gaussian", "observation", "masked"], default="gaussian",
                    help="start distribution p_T(x | y)")
     p.add_argument("--grid", choices=["uniform", "polynomial", "logsnr", "edm"], default="uniform")
@@ -114,36 +118,89 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=_nonneg_int("seed"), default=0)
 
 
-def load_target(args):
-    """Return (model, y, event_shape, start, dtype) for --problem."""
+def _start(name, noise_std, dtype, what, denoise_y=None, inpaint_y=None, observed=None):
+    """The start distribution ``name``; denoise_y / (inpaint_y, observed) are given for those problems."""
+    from lightning_mlmc.sampling import gaussian_start, masked_start, observation_start
+
+    if name == "gaussian":
+        return gaussian_start()
+    if name == "observation":
+        if denoise_y is None:
+            raise InputError(f"start: 'observation' needs a denoising problem (identity operator), not {what}")
+        return observation_start(denoise_y.to(dtype), noise_std)
+    if observed is None:
+        raise InputError(f"start: 'masked' needs an inpainting problem, not {what}")
+    return masked_start(inpaint_y.to(dtype), observed.to(dtype))
+
+
+def load_observation(path: str, operator):
+    """y from a .npy file or an .npz file's 'y', checked against the operator's observation shape."""
     import numpy as np
     import torch
 
+    if not os.path.isfile(path):
+        raise InputError(f"observation: no such file {path!r}")
+    try:
+        data = np.load(path, allow_pickle=False)
+        y = data["y"] if isinstance(data, np.lib.npyio.NpzFile) else data
+    except (ValueError, OSError, KeyError) as e:
+        raise InputError(f"observation: cannot read {path!r} as .npy or .npz with key 'y' ({e})") from None
+    y = torch.as_tensor(np.asarray(y, dtype=np.float32))
+    want = tuple(operator.observation_shape)
+    if tuple(y.shape) == want:
+        y = y[None]
+    if tuple(y.shape) != (1, *want):
+        raise InputError(f"observation: expected shape {list(want)} for the model's {operator.name} operator, "
+                         f"got {list(y.shape)}")
+    if not torch.isfinite(y).all():
+        raise InputError(f"observation: {path!r} contains NaN or Inf")
+    return y
+
+
+def load_target(args):
+    """Return (model, y, event_shape, start, dtype) for --problem or --checkpoint."""
+    import numpy as np
+    import torch
+
+    if getattr(args, "checkpoint", None):
+        return _load_checkpoint_target(args)
+    if getattr(args, "observation", None):
+        raise InputError("observation: only with --checkpoint (an analytic spec carries its own y)")
     from lightning_mlmc.problems import AnalyticSpec, ExactPosteriorEps
-    from lightning_mlmc.sampling import gaussian_start, masked_start, observation_start
 
     spec = AnalyticSpec.load(args.problem)
     model = ExactPosteriorEps(spec)
     y = torch.as_tensor(spec.y)[None]
     shape, dtype, noise_std = spec.shape, torch.float64, spec.noise_std
-    y_img = observed = None
+    kinds = {}
     mask = spec.selection_mask()
     if mask is not None:  # inpainting: y embedded in the image, observed-pixel mask
-        y_img = torch.as_tensor(spec.matrix.T @ spec.y).reshape(shape)
-        observed = torch.as_tensor(mask, dtype=torch.float64).reshape(shape)
+        kinds["inpaint_y"] = torch.as_tensor(spec.matrix.T @ spec.y).reshape(shape)
+        kinds["observed"] = torch.as_tensor(mask, dtype=torch.float64).reshape(shape)
     elif spec.matrix.shape[0] == spec.dim and np.array_equal(spec.matrix, np.eye(spec.dim)):  # denoising
-        y_img = torch.as_tensor(spec.y).reshape(shape)
-    if args.start == "gaussian":
-        start = gaussian_start()
-    elif args.start == "observation":
-        if y_img is None:
-            raise InputError("start: 'observation' needs a denoising problem (identity operator)")
-        start = observation_start(y_img.to(dtype), noise_std)
-    else:
-        if observed is None:
-            raise InputError("start: 'masked' needs an inpainting problem (operator rows that select pixels)")
-        start = masked_start(y_img.to(dtype), observed.to(dtype))
+        kinds["denoise_y"] = torch.as_tensor(spec.y).reshape(shape)
+    start = _start(args.start, noise_std, dtype, "this spec", **kinds)
     return model, y.to(dtype), tuple(shape), start, dtype
+
+
+def _load_checkpoint_target(args):
+    import torch
+
+    from lightning_mlmc.module import load_score_model
+
+    if not args.observation:
+        raise InputError("observation: --checkpoint needs --observation Y.npy (the y to condition on)")
+    model = load_score_model(args.checkpoint)
+    op = model.operator
+    y = load_observation(args.observation, op)
+    dtype = torch.float32
+    kinds = {}
+    if op.name == "denoise":
+        kinds["denoise_y"] = y[0]
+    elif op.name == "inpaint":
+        kinds["inpaint_y"], kinds["observed"] = y[0], op.mask_like(y)[0].expand(op.shape)
+    start = _start(args.start, op.noise_std, dtype, f"a {op.name} model", **kinds)
+    return model, y, tuple(op.shape), start, dtype
 
 
 def make_grid(args):

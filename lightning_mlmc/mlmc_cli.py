@@ -64,7 +64,8 @@ def cmd_mlmc(args) -> int:
     _check_levels(args)
     _check_out(args.out)
     sampler = _sampler(args)
-    key = fingerprint(problem=os.path.abspath(args.problem),
+    source = [os.path.abspath(p) for p in (args.problem, args.checkpoint, args.observation) if p]
+    key = fingerprint(problem=source,
                       start=args.start, grid=args.grid, rho=args.rho, seed=args.seed, payoff=args.payoff,
                       clip=args.clip, sampler=args.sampler, coupling=args.coupling)
     failure = None
@@ -79,7 +80,7 @@ def cmd_mlmc(args) -> int:
     if args.plots:
         plot_levels(data["levels"], args.plots, M=args.M)
     print(f"estimate written to {args.out}: {len(data['levels'])} levels, nfe {data['nfe']:.0f}, "
-          f"savings {data['savings']:.2f}x, rmse bound {data['rmse_bound']:.3g}")
+          f"savings {data['savings']:.2f}x, rmse bound {data['rmse_bound']:.3g}", flush=True)
     if failure is not None:
         raise failure
     return 0

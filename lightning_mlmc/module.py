@@ -86,7 +86,7 @@ def load_exported(folder: str) -> ScoreModel:
         with open(meta_path) as f:
             meta = json.load(f)
         cls = MLPEps if meta["network"] == "mlp" else UNet2DModel
-        network = cls.from_pretrained(folder)
+        network = cls.from_pretrained(folder, low_cpu_mem_usage=False)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"checkpoint: cannot load the exported model in {folder!r}: {e}") from None
     return ScoreModel(network.eval(), operator_from_config(meta["operator"]), VPSchedule(**meta["schedule"]))

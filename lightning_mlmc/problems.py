@@ -178,10 +178,44 @@ class GaussianMixture:
         lp = dist.log_prob(x[:, None, :]) + torch.log(self.weights)
         return torch.logsumexp(lp, dim=1)
 
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """n independent draws, shape (n, dim), float64."""
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        chol = torch.linalg.cholesky(self.covs)
+        z = torch.randn(n, self.means.shape[1], generator=generator, dtype=torch.float64)
+        return self.means[comp] + torch.einsum("bij,bj->bi", chol[comp], z)
+
     def diffused(self, m: float, sigma2: float) -> "GaussianMixture":
         """The law of m X + sigma Z, X from this mixture."""
         eye = torch.eye(self.means.shape[1], dtype=torch.float64)
         return GaussianMixture(self.weights, m * self.means, m * m * self.covs + sigma2 * eye)
+
+
+def prior_mixture(spec: AnalyticSpec) -> GaussianMixture:
+    """The spec's prior as a ``GaussianMixture`` (float64 tensors)."""
+    t = lambda v: torch.as_tensor(np.asarray(v), dtype=torch.float64)  # noqa: E731
+    return GaussianMixture(t(spec.weights), t(spec.means), t(spec.covs))
+
+
+def eps_relative_error(model, spec: AnalyticSpec, t: float, n: int = 2048, seed: int = 0) -> float:
+    """Relative L2 error ||eps_model - eps_exact|| / ||eps_exact|| of a network against the exact score.
+
+    x_t is drawn from the diffused posterior p_t(x_t | y) at the spec's y (where samplers evaluate the
+    network; use ``spec.with_observation(y)`` for another y); the norms are over all n draws and
+    coordinates. Equal to the score's relative error, since score = -eps / sigma(t).
+    """
+    schedule = VPSchedule()
+    g = torch.Generator().manual_seed(seed)
+    x0 = exact_posterior(spec).sample(n, g)
+    t_vec = torch.full((n,), float(t), dtype=torch.float64)
+    x_t = schedule.mean(t_vec)[:, None] * x0 + schedule.sigma(t_vec)[:, None] * torch.randn(x0.shape, generator=g,
+                                                                                            dtype=torch.float64)
+    x_t = x_t.reshape(n, *spec.shape)
+    y = torch.as_tensor(spec.y)[None]
+    with torch.no_grad():
+        exact = ExactPosteriorEps(spec)(x_t, y, t_vec)
+        approx = model(x_t, y, t_vec).to(torch.float64)
+    return float((approx - exact).norm() / exact.norm())
 
 
 def exact_posterior(spec: AnalyticSpec) -> GaussianMixture:
