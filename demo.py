@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 import yaml
 
@@ -45,6 +46,8 @@ def evaluate(ckpt: str, run_dir: str, num_samples: int = 16, steps: int = 100) -
         data_args = yaml.safe_load(f)["data"]["init_args"]
     dm = DigitsDataModule(**data_args)
     x, y = dm.validation_observations(len(dm.split("val")))
+    for i in range(4):  # inputs for `lightning-mlmc sample|mlmc --checkpoint ... --observation ...`
+        np.savez(os.path.join(run_dir, f"observation_{i}.npz"), y=y[i].numpy(), x=x[i].numpy())
     torch.set_num_threads(os.cpu_count() or 1)
     post = posterior_summary(module.model, y, x.shape[1:], num_samples=num_samples, steps=steps, seed=0)
     factor = module.operator.factor

@@ -5,9 +5,10 @@
 Both run the same UNet (configs/digits_superres.yaml sizes), the same batches from the same
 DataLoader, the same loss (``ScoreModule.dsm_loss``), AdamW with the same warm-up schedule, on the same
 device. The Lightning run has no logger, checkpointing or progress bar (framework overhead only); a
-second Lightning row adds the EMA callback (a real cost, reported separately). Per-step times are
-steady-state: the first ``warmup`` steps are dropped. The variants alternate ``repeats`` times in one
-process and the medians are compared, since this machine is noisy. Writes
+second Lightning row adds the EMA callback (a real cost, reported separately). A step's time is the
+time between consecutive batch ends (data loading included); the first ``warmup`` steps are dropped and
+each run reports its median step, which is robust to the machine's noise spikes. The variants alternate
+``repeats`` times in one process and the medians over repeats are compared. Writes
 benchmarks/results/train_throughput.json.
 """
 
@@ -37,20 +38,17 @@ def _sync(device):
 
 
 class StepTimer(pl.Callback):
-    """Wall time from the start of step ``warmup`` to the end of the last step."""
+    """Times between consecutive batch ends (a full step, data loading included) after ``warmup`` steps."""
 
     def __init__(self, warmup: int):
-        self.warmup, self.start, self.end, self.steps = warmup, None, None, 0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.warmup and self.start is None:
-            _sync(pl_module.device)
-            self.start = time.perf_counter()
+        self.warmup, self.last, self.times = warmup, None, []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self.start is not None:
-            _sync(pl_module.device)
-            self.end, self.steps = time.perf_counter(), self.steps + 1
+        _sync(pl_module.device)
+        now = time.perf_counter()
+        if self.last is not None and trainer.global_step > self.warmup:
+            self.times.append(now - self.last)
+        self.last = now
 
 
 def batches(dm):
@@ -66,11 +64,8 @@ def plain_loop(dm, steps: int, warmup: int, device) -> float:
     opt, sched = opt_conf["optimizer"], opt_conf["lr_scheduler"]["scheduler"]
     module.train()
     it = batches(dm)
-    start = None
+    last, times = None, []
     for step in range(steps):
-        if step == warmup:
-            _sync(device)
-            start = time.perf_counter()
         x, y = next(it)
         x, y = x.to(device), y.to(device)
         loss = module.dsm_loss(x, y).mean()
@@ -78,8 +73,12 @@ def plain_loop(dm, steps: int, warmup: int, device) -> float:
         loss.backward()
         opt.step()
         sched.step()
-    _sync(device)
-    return (time.perf_counter() - start) / (steps - warmup)
+        _sync(device)
+        now = time.perf_counter()
+        if last is not None and step >= warmup:
+            times.append(now - last)
+        last = now
+    return statistics.median(times)
 
 
 def lightning_loop(dm, steps: int, warmup: int, device, ema: bool) -> float:
@@ -91,14 +90,14 @@ def lightning_loop(dm, steps: int, warmup: int, device, ema: bool) -> float:
                          enable_progress_bar=False, enable_model_summary=False, callbacks=callbacks,
                          accelerator=device.type, devices=1, max_epochs=-1)
     trainer.fit(module, dm)
-    return (timer.end - timer.start) / timer.steps
+    return statistics.median(timer.times)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=80)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()

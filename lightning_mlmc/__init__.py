@@ -25,7 +25,33 @@ from lightning_mlmc.sampling import (
 )
 from lightning_mlmc.schedule import TimeGrid, VPSchedule, uniform_grid
 
-__all__ = [
+# Training pieces import Lightning and diffusers; load them on first use so the sampling CLI starts fast.
+_LAZY = {
+    "ScoreModule": "lightning_mlmc.module",
+    "ScoreModel": "lightning_mlmc.module",
+    "load_score_module": "lightning_mlmc.module",
+    "load_score_model": "lightning_mlmc.module",
+    "load_exported": "lightning_mlmc.module",
+    "MLPEps": "lightning_mlmc.networks",
+    "unet_for": "lightning_mlmc.networks",
+    "Operator": "lightning_mlmc.operators",
+    "SuperResolution": "lightning_mlmc.operators",
+    "Denoising": "lightning_mlmc.operators",
+    "Inpainting": "lightning_mlmc.operators",
+    "DenseMatrix": "lightning_mlmc.operators",
+    "operator_from_config": "lightning_mlmc.operators",
+    "posterior_summary": "lightning_mlmc.posterior",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightning_mlmc' has no attribute {name!r}")
+
+__all__ = [*_LAZY,
     "AnalyticSpec",
     "ExactPosteriorEps",
     "GaussianMixture",
