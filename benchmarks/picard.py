@@ -4,7 +4,8 @@
 
 Analytic problem (examples/inpaint4x4.json, exact score): 100- and 1000-step DDPM and DDIM,
 windows 16/64/256, tol 1e-1/1e-2/1e-3, plain Picard vs Anderson (m = 2), and the PIADM block scheme
-for K = 1, 2, 4, 8 sweeps. Reports rounds (sequential batched calls), nfe, wall time, the wall-clock
+for K = 1, 2, 4, 8 sweeps; then the same on the trained digits super-resolution UNet (`make demo`'s
+checkpoint, its first validation observation). Reports rounds (sequential batched calls), nfe, wall time, the wall-clock
 speedup against the sequential sampler timed in the same run, and the max relative deviation from the
 sequential sample. Writes benchmarks/results/picard.json.
 """
@@ -15,12 +16,14 @@ import os
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402
 
 from lightning_mlmc import AnalyticSpec, ExactPosteriorEps, NoiseSource, sample  # noqa: E402
+from lightning_mlmc.module import load_score_module  # noqa: E402
 from lightning_mlmc.picard import piadm_sample, piadm_times, picard_sample  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,52 +37,69 @@ class _Fixed:
         return self._t
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=64)
-    args = ap.parse_args()
-    torch.set_num_threads(os.cpu_count() or 1)
-    spec = AnalyticSpec.load(os.path.join(ROOT, "examples", "inpaint4x4.json"))
-    model, y = ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None]
-    shape = (args.samples, *spec.shape)
-    rows = []
+def run_problem(problem, model, y, shape, rows, dtype=torch.float64, steps_list=(100, 1000)):
+    """Every scheme on one model, against the sequential sampler timed in the same run."""
+    noise = lambda: NoiseSource(0, shape, dtype=dtype)  # noqa: E731 - the same seed for every scheme
     for sampler in ("ddpm", "ddim"):
-        for steps in (100, 1000):
+        for steps in steps_list:
             tic = time.perf_counter()
-            ref = sample(model, y, NoiseSource(0, shape), steps=steps, sampler=sampler).samples
+            ref = sample(model, y, noise(), steps=steps, sampler=sampler).samples
             seq_wall = time.perf_counter() - tic
             scale = float(ref.abs().max())
             for window in (16, 64, 256):
                 for tol in (1e-1, 1e-2, 1e-3):
                     for anderson in (0, 2):
-                        out = picard_sample(model, y, NoiseSource(0, shape), steps=steps, sampler=sampler,
+                        out = picard_sample(model, y, noise(), steps=steps, sampler=sampler,
                                             window=window, tol=tol, anderson=anderson)
-                        rows.append({"problem": "inpaint4x4", "scheme": "picard" if not anderson else "anderson",
+                        rows.append({"problem": problem, "scheme": "picard" if not anderson else "anderson",
                                      "sampler": sampler, "steps": steps, "window": window, "tol": tol,
                                      "rounds": out.rounds, "nfe": out.nfe, "wall_seconds": out.wall_seconds,
                                      "seq_wall_seconds": seq_wall, "speedup_rounds": steps / out.rounds,
                                      "speedup_wall": seq_wall / out.wall_seconds,
                                      "max_rel_dev": float((out.samples - ref).abs().max()) / scale})
-                        print(json.dumps(rows[-1]))
+                        print(json.dumps(rows[-1]), flush=True)
         # PIADM: 8 blocks x 12 points (+ Tweedie); reference = sequential on the same grid.
         blocks, points = 8, 12
         times = piadm_times(blocks, points)
         tic = time.perf_counter()
-        ref = sample(model, y, NoiseSource(0, shape), steps=len(times) - 1, sampler=sampler,
-                     grid=_Fixed(times)).samples
+        ref = sample(model, y, noise(), steps=len(times) - 1, sampler=sampler, grid=_Fixed(times)).samples
         seq_wall = time.perf_counter() - tic
         for k in (1, 2, 4, 8):
-            out = piadm_sample(model, y, NoiseSource(0, shape), blocks=blocks, points=points, sweeps=k,
-                               sampler=sampler)
-            rows.append({"problem": "inpaint4x4", "scheme": "piadm", "sampler": sampler, "steps": len(times) - 1,
+            out = piadm_sample(model, y, noise(), blocks=blocks, points=points, sweeps=k, sampler=sampler)
+            rows.append({"problem": problem, "scheme": "piadm", "sampler": sampler, "steps": len(times) - 1,
                          "blocks": blocks, "points": points, "sweeps": k, "rounds": out.rounds, "nfe": out.nfe,
                          "wall_seconds": out.wall_seconds, "seq_wall_seconds": seq_wall,
                          "speedup_rounds": (len(times) - 1) / out.rounds, "speedup_wall": seq_wall / out.wall_seconds,
                          "max_rel_dev": float((out.samples - ref).abs().max()) / float(ref.abs().max())})
-            print(json.dumps(rows[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--samples", type=int, default=64, help="samples per run on the analytic problem")
+    ap.add_argument("--checkpoint", default=os.path.join(ROOT, "runs", "digits_superres", "checkpoints", "last.ckpt"),
+                    help="trained digits model (`make demo` writes it); skipped when missing")
+    ap.add_argument("--observation", default=os.path.join(ROOT, "runs", "digits_superres", "observation_0.npz"))
+    ap.add_argument("--digits-samples", type=int, default=16, help="samples per run on the digits model")
+    args = ap.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    rows = []
+    spec = AnalyticSpec.load(os.path.join(ROOT, "examples", "inpaint4x4.json"))
+    run_problem("inpaint4x4", ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], (args.samples, *spec.shape),
+                rows)
+    digits = None
+    if os.path.isfile(args.checkpoint):
+        model = load_score_module(args.checkpoint).model
+        y = torch.as_tensor(np.load(args.observation)["y"])[None]
+        digits = {"checkpoint": os.path.relpath(args.checkpoint, ROOT), "observation": os.path.relpath(args.observation, ROOT),
+                  "samples": args.digits_samples, "parameters": sum(p.numel() for p in model.parameters())}
+        run_problem("digits_superres", model, y, (args.digits_samples, *model.operator.shape), rows,
+                    dtype=torch.float32)
+    else:
+        print(f"no trained model at {args.checkpoint}: run `make demo` first for the digits rows")
     os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
     with open(os.path.join(ROOT, "benchmarks", "results", "picard.json"), "w") as f:
-        json.dump({"machine": machine_info(), "samples": args.samples, "rows": rows}, f, indent=1)
+        json.dump({"machine": machine_info(), "samples": args.samples, "digits": digits, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
