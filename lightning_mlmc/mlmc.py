@@ -37,16 +37,19 @@ Coupling = Literal["weighted", "naive"]
 
 
 def make_payoff(name: str | Callable = "second_moment", clip: float | None = None) -> Callable[[Tensor], Tensor]:
-    """Per-pixel payoff f: (N, n) -> (N, n). ``second_moment`` (x^2, the default), ``mean`` (x) or a
-    callable; ``clip`` clamps x to [-clip, clip] first."""
+    """Payoff f: (N, n) -> (N, k). ``second_moment`` (x^2, the default), ``mean`` (x), ``moments``
+    ([x, x^2], k = 2n: posterior mean and variance from one run) or a callable; ``clip`` clamps x to
+    [-clip, clip] first."""
     if callable(name):
         base = name
     elif name == "second_moment":
         base = lambda x: x * x  # noqa: E731
     elif name == "mean":
         base = lambda x: x  # noqa: E731
+    elif name == "moments":
+        base = lambda x: torch.cat([x, x * x], dim=1)  # noqa: E731
     else:
-        raise InputError(f"payoff: unknown payoff {name!r}; expected second_moment, mean or a callable")
+        raise InputError(f"payoff: unknown payoff {name!r}; expected second_moment, mean, moments or a callable")
     if clip is not None:
         if not clip > 0:
             raise InputError(f"clip: expected a positive number, got {clip}")
@@ -57,9 +60,10 @@ def make_payoff(name: str | Callable = "second_moment", clip: float | None = Non
 def _apply_payoff(payoff, x: Tensor) -> Tensor:
     flat = x.reshape(x.shape[0], -1)
     out = payoff(flat)
-    if not isinstance(out, torch.Tensor) or out.shape != flat.shape:
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != flat.shape[0]:
         got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise InputError(f"payoff: returned {got}, expected a tensor of shape {tuple(flat.shape)} (samples x pixels)")
+        raise InputError(f"payoff: returned {got}, expected a tensor of shape ({flat.shape[0]}, k) "
+                         "(samples x payoff components)")
     return out.to(torch.float64)
 
 
@@ -157,7 +161,8 @@ class CoupledLevelSampler:
         self.start = start or gaussian_start()
         self.grid, self.schedule = grid or TimeGrid(), schedule or VPSchedule()
         self.seed, self.dtype, self.device = int(seed), dtype, device
-        self.pixels = int(np.prod(self.shape))
+        # Payoff components (n for per-pixel payoffs, 2n for moments), found by applying it once.
+        self.pixels = int(_apply_payoff(self.payoff, torch.zeros(1, int(np.prod(self.shape)))).shape[1])
         self._coef: dict[int, object] = {}
 
     def cost(self, level: int) -> float:

@@ -16,7 +16,7 @@ def add_commands(sub, add_problem_args, positive_float, positive_int, nonneg_int
         p.add_argument("--lmax", type=nonneg_int("lmax"), default=10)
         p.add_argument("--n0", type=positive_int("n0"), default=100, help="pilot samples per level")
         p.add_argument("--theta", type=positive_float("theta"), default=0.25)
-        p.add_argument("--payoff", choices=["second_moment", "mean"], default="second_moment")
+        p.add_argument("--payoff", choices=["second_moment", "mean", "moments"], default="second_moment")
         p.add_argument("--clip", type=positive_float("clip"), default=None)
         p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
         p.add_argument("--coupling", choices=["weighted", "naive"], default="weighted")
