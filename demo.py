@@ -6,6 +6,8 @@
 3. Samples 16 posterior samples for every validation observation, reports the posterior-mean PSNR
    against the bicubic upsampling of y, pixel-std calibration, and writes a PNG grid
    (truth | y | 4 samples | posterior mean | pixel std).
+4. Prints the MLMC and Picard results that the config's validation callbacks logged (uq_summary.json and
+   the offline W&B run).
 
 Everything goes to runs/digits_superres/ (override with DEMO_RUN_DIR); DEMO_MAX_EPOCHS shortens training.
 """
@@ -103,6 +105,17 @@ if __name__ == "__main__":
           f"(margin {m['psnr_margin_db']:+.2f} dB); SSIM {m['ssim_posterior_mean']:.3f} vs {m['ssim_bicubic']:.3f}")
     print(f"    pixel-std coverage: {m['coverage_1sd']:.2f} within 1 sd, {m['coverage_2sd']:.2f} within 2 sd")
     print(f"  PNG grid:          {m['png']}")
+    summary_path = os.path.join(run_dir, "uq_summary.json")
+    if os.path.isfile(summary_path):
+        with open(summary_path) as f:
+            uq = json.load(f)["latest"]
+        print(f"  MLMC (callback, EMA weights, final epoch): alpha {uq['mlmc/alpha']:.2f}, beta {uq['mlmc/beta']:.2f}, "
+              f"savings {uq['mlmc/savings']:.2f}x ({uq['mlmc/nfe']:.0f} NFEs vs {uq['mlmc/nfe_mc']:.0f} for plain MC), "
+              f"coverage {uq['mlmc/coverage_1sd']:.2f} / {uq['mlmc/coverage_2sd']:.2f} at 1 / 2 sd")
+        print(f"  Picard (callback): {uq['picard/rounds']:.0f} rounds for {uq['picard/steps']:.0f} steps "
+              f"({uq['picard/speedup_rounds']:.1f}x fewer sequential calls, wall {uq['picard/speedup_wall']:.2f}x), "
+              f"max |diff| {uq['picard/max_abs_diff']:.1e}")
+        print(f"  UQ maps and plots: {os.path.join(run_dir, 'uq')}")
     print(f"  run folder:        {run_dir}")
     for run in wandb_runs(run_dir):
         print(f"  W&B offline run:   {run}  (upload later: wandb sync {run})")

@@ -42,3 +42,65 @@ def posterior_grid(path: str, truth: Tensor, observation: Tensor, samples: Tenso
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def uq_map(path: str, observation: Tensor, truth: Tensor, mean: Tensor, std: Tensor, title: str | None = None) -> None:
+    """The standard uncertainty panel, one row per observation:
+    observation | truth | posterior mean | pixel std | abs error (shapes (N, C, H, W))."""
+    plt = _plt()
+    n = truth.shape[0]
+    cols = ["observation", "truth", "posterior mean", "pixel std", "abs error"]
+    fig, axes = plt.subplots(n, 5, figsize=(6.5, 1.3 * n + 0.4), squeeze=False)
+    err = (mean - truth).abs()
+    vmax = float(max(std.max(), err.max())) or 1.0
+    for i in range(n):
+        for j, img in enumerate((observation[i], truth[i], mean[i])):
+            _image(axes[i, j], img.detach().cpu().float().numpy(), -1, 1)
+        for j, img in ((3, std[i]), (4, err[i])):
+            _image(axes[i, j], img.detach().cpu().float().numpy().mean(0, keepdims=True), 0, vmax, "magma")
+    for j, name in enumerate(cols):
+        axes[0, j].set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def zscore_histogram(path: str, z: np.ndarray) -> None:
+    """Histogram of (truth - mean) / std against the standard normal density."""
+    plt = _plt()
+    z = np.asarray(z, dtype=float).ravel()
+    z = z[np.isfinite(z)]
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.hist(np.clip(z, -6, 6), bins=40, range=(-6, 6), density=True, alpha=0.7, label="(truth - mean) / std")
+    grid = np.linspace(-6, 6, 200)
+    ax.plot(grid, np.exp(-grid**2 / 2) / np.sqrt(2 * np.pi), "k--", label="N(0, 1)")
+    ax.set_xlabel("z")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def residual_plot(path: str, residuals: list[float], tol: float) -> None:
+    """Picard residual per round: the window's max error in units of tol (converged below 1)."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4, 3))
+    ax.semilogy(np.arange(1, len(residuals) + 1), np.maximum(residuals, 1e-300), "o-", ms=3)
+    ax.axhline(1.0, color="k", ls="--", lw=1, label=f"tol = {tol:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("residual / tol")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

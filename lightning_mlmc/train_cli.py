@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import re
+import sys
 import warnings
 import zipfile
 
@@ -120,7 +121,16 @@ def run_lightning_cli(argv: list[str]) -> int:
         if isinstance(e, FileNotFoundError):
             raise InputError(f"file not found: {e.filename or e}") from None
         raise
+    finally:
+        _finish_wandb()
     return 0
+
+
+def _finish_wandb() -> None:
+    """Close the W&B run this command opened, so a second command in the same process gets its own."""
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
 
 
 def _input_error_in_chain(exc: BaseException) -> InputError | None:

@@ -137,8 +137,27 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path):
 # LightningCLI
 
 
+LIGHT_CALLBACKS = """
+trainer:
+  callbacks:
+    - class_path: callbacks.MLMCCallback
+      init_args: {eps: 0.5, observations: 1, lmin: 1, lmax: 2, n0: 4}
+    - class_path: callbacks.PicardCallback
+      init_args: {steps: 8, window: 4, observations: 1, samples_per_observation: 2}
+    - class_path: pytorch_lightning.callbacks.EMAWeightAveraging
+      init_args: {decay: 0.9}
+    - class_path: pytorch_lightning.callbacks.ModelCheckpoint
+      init_args: {save_last: true}
+"""
+
+
 def cli_fit(config, tmp_path, *extra):
-    return cli_main(["fit", "--config", os.path.join(CONFIGS, config), "--trainer.max_steps", "2",
+    """Two training steps of a config, with its UQ callbacks at tiny settings (an untrained network's
+    samples are far off, and the configs' MLMC targets would take minutes on them)."""
+    light = tmp_path / "light_callbacks.yaml"
+    light.write_text(LIGHT_CALLBACKS)
+    return cli_main(["fit", "--config", os.path.join(CONFIGS, config), "--config", str(light),
+                     "--trainer.max_steps", "2",
                      "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "1",
                      "--trainer.num_sanity_val_steps", "0", "--trainer.enable_progress_bar", "false",
                      "--trainer.default_root_dir", str(tmp_path), *extra])
@@ -151,6 +170,8 @@ def test_cli_fit_digits_superres_writes_checkpoint_config_and_wandb(tmp_path):
     assert module.operator.config()["name"] == "superres" and module.hparams.channels == [8, 16]
     assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert glob.glob(str(tmp_path / "**" / "config.yaml"), recursive=True)
+    uq = json.loads((tmp_path / "uq_summary.json").read_text())["latest"]  # the configs' UQ callbacks ran
+    assert "mlmc/savings" in uq and "picard/rounds" in uq
     for sub in ("validate", "test", "predict"):
         rc = cli_main([sub, "--config", os.path.join(CONFIGS, "digits_superres.yaml"), "--ckpt_path", str(ckpt),
                        "--model.channels", "[8, 16]", "--trainer.default_root_dir", str(tmp_path),

@@ -1,0 +1,150 @@
+"""``MLMCCallback``: adaptive MLMC posterior moments for fixed validation observations, logged as a UQ dashboard."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
+from callbacks import uq_logging
+from lightning_mlmc.errors import InputError, WeakConvergenceFailure
+from lightning_mlmc.figures import uq_map, zscore_histogram
+from lightning_mlmc.mlmc import CoupledLevelSampler, make_payoff, mlmc
+from lightning_mlmc.mlmc_cli import plot_levels
+from lightning_mlmc.posterior import coverage, psnr, ssim
+
+
+class MLMCCallback(pl.Callback):
+    """Runs Giles' adaptive MLMC (``lightning_mlmc.mlmc.mlmc``) on the EMA weights at validation time.
+
+    For each of the first ``observations`` fixed validation observations it estimates the posterior mean
+    and second moment in one run (payoff ``moments`` = [x, x^2], target RMSE ``eps`` averaged over both),
+    with seed ``seed + i`` for observation i; observation 0 therefore reproduces
+    ``lightning-mlmc mlmc --checkpoint CKPT --observation Y --payoff moments --clip C --eps E --seed S``
+    with the same M, lmin, lmax, n0 and sampler. Logs (DESIGN.md section 7): ``mlmc/alpha``, ``beta``,
+    ``gamma`` (means over observations), ``nfe``, ``nfe_mc`` (totals), ``savings`` (total nfe_mc / total
+    nfe), ``rmse_bound`` (max), calibration against the validation truth (``psnr``, ``ssim``,
+    ``coverage_1sd``, ``coverage_2sd``), the ``levels`` table, the ``convergence`` plots, the ``uq`` map
+    and the ``zscore`` histogram. Under DDP every rank takes a share of each level's samples (the sums are
+    all-reduced) and rank zero logs.
+
+    Args:
+        eps: target RMSE (> 0).
+        observations: how many validation observations (>= 1).
+        every_n_epochs: run every n validation epochs, and once more at the end of fit.
+        M, lmin, lmax, n0: MLMC refinement factor, coarsest/finest level, pilot samples per level.
+        sampler: ``ddpm`` or ``ddim``.
+        seed: base seed.
+        batch_size: samples per batched call.
+        clip: clamp samples to [-clip, clip] before the payoff (images live in [-1, 1]). Early in training
+            a network's samples can be far outside the data range; without a clip their variance would
+            make MLMC ask for an enormous number of samples. ``null`` disables it.
+    """
+
+    def __init__(self, eps: float = 0.1, observations: int = 2, every_n_epochs: int = 1, M: int = 2,
+                 lmin: int = 2, lmax: int = 6, n0: int = 32, sampler: Literal["ddpm", "ddim"] = "ddpm",
+                 seed: int = 0, batch_size: int = 512, clip: float | None = 2.0):
+        if not eps > 0:
+            raise InputError(f"eps: expected a positive number, got {eps}")
+        if observations < 1:
+            raise InputError(f"observations: expected at least 1 validation observation, got {observations}")
+        if every_n_epochs < 1:
+            raise InputError(f"every_n_epochs: expected >= 1, got {every_n_epochs}")
+        if int(M) != M or M < 2:
+            raise InputError(f"M: expected an integer >= 2, got {M}")
+        if not 0 <= lmin <= lmax:
+            raise InputError(f"lmin/lmax: expected 0 <= lmin <= lmax, got {lmin} and {lmax}")
+        if n0 < 2:
+            raise InputError(f"n0: expected >= 2 pilot samples, got {n0}")
+        if sampler not in ("ddpm", "ddim"):
+            raise InputError(f"sampler: expected ddpm or ddim, got {sampler!r}")
+        self.eps, self.observations, self.every_n_epochs = float(eps), int(observations), int(every_n_epochs)
+        self.M, self.lmin, self.lmax, self.n0 = int(M), int(lmin), int(lmax), int(n0)
+        if clip is not None and not clip > 0:
+            raise InputError(f"clip: expected a positive number or null, got {clip}")
+        self.sampler, self.seed, self.batch_size, self.clip = sampler, int(seed), int(batch_size), clip
+        self._last_step = -1
+        self.last_results: list = []
+
+    @override
+    def setup(self, trainer, pl_module, stage):
+        uq_logging.run_before_weight_averaging(self, trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self.run(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer, pl_module):
+        if self._last_step != trainer.global_step:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        self._last_step = trainer.global_step
+        truth, y = uq_logging.validation_observations(trainer, self.observations)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                results = [self._estimate(pl_module, y[i:i + 1].to(pl_module.device), i) for i in range(len(y))]
+        finally:
+            pl_module.train(was_training)
+        self.last_results = results
+        if trainer.is_global_zero:
+            return self._log(trainer, pl_module, truth, y, results)
+        return {}
+
+    def _estimate(self, pl_module, y, i):
+        shape = tuple(pl_module.operator.shape)
+        sampler = CoupledLevelSampler(pl_module.model, y, shape, M=self.M, lmin=self.lmin, sampler=self.sampler,
+                                      payoff=make_payoff("moments", self.clip), seed=self.seed + i, dtype=torch.float32,
+                                      device=pl_module.device)
+        try:
+            return mlmc(sampler, self.eps, M=self.M, lmin=self.lmin, lmax=self.lmax, n0=self.n0,
+                        cost_fn=sampler.cost, batch_size=self.batch_size, pixels=sampler.pixels)
+        except WeakConvergenceFailure as e:  # keep the estimate; it is flagged as not converged
+            return e.result
+
+    def _log(self, trainer, pl_module, truth, y, results) -> dict:
+        n = truth[0].numel()
+        est = torch.stack([torch.as_tensor(np.asarray(r.estimate), dtype=torch.float64) for r in results])
+        mean = est[:, :n].reshape(truth.shape).float()
+        std = (est[:, n:] - est[:, :n] ** 2).clamp_min(0).sqrt().reshape(truth.shape).float()
+        truth = truth.float()
+        nfe, nfe_mc = sum(r.nfe for r in results), sum(r.nfe_mc for r in results)
+        scalars = {
+            "mlmc/alpha": np.mean([r.alpha for r in results]),
+            "mlmc/beta": np.mean([r.beta for r in results]),
+            "mlmc/gamma": np.mean([r.gamma for r in results]),
+            "mlmc/nfe": nfe,
+            "mlmc/nfe_mc": nfe_mc,
+            "mlmc/savings": nfe_mc / nfe,
+            "mlmc/rmse_bound": max(r.rmse_bound for r in results),
+            "mlmc/psnr": psnr(mean, truth),
+            "mlmc/ssim": ssim(mean, truth) if truth.dim() == 4 else float("nan"),
+            "mlmc/coverage_1sd": coverage(mean, std, truth, 1.0),
+            "mlmc/coverage_2sd": coverage(mean, std, truth, 2.0),
+            "mlmc/converged": float(all(r.converged for r in results)),
+        }
+        uq_logging.log_scalars(trainer, scalars)
+        folder = uq_logging.media_folder(trainer)
+        rows = [[i, lv["level"], lv["n_samples"], lv["mean"], lv["var"], lv["cost"]]
+                for i, r in enumerate(results) for lv in r.levels]
+        uq_logging.log_table(trainer, "mlmc/levels", ["observation", "level", "n_samples", "mean", "var", "cost"], rows)
+        plots = plot_levels(results[0].levels, os.path.join(folder, "mlmc_convergence"), M=self.M)
+        uq_logging.log_images(trainer, "mlmc/convergence", plots[:2])
+        if truth.dim() == 4:
+            obs_img = pl_module.operator.condition(y.to(pl_module.device).float())[:, : truth.shape[1]].cpu()
+            path = os.path.join(folder, "mlmc_uq.png")
+            uq_map(path, obs_img, truth, mean, std, title=f"MLMC eps {self.eps:g}, step {trainer.global_step}")
+            uq_logging.log_images(trainer, "mlmc/uq", [path])
+        path = os.path.join(folder, "mlmc_zscore.png")
+        zscore_histogram(path, ((truth - mean) / std.clamp_min(1e-8)).numpy())
+        uq_logging.log_images(trainer, "mlmc/zscore", [path])
+        return scalars

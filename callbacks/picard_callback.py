@@ -1,0 +1,99 @@
+"""``PicardCallback``: sequential against Picard-parallel sampling on validation observations, same seed."""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+from typing_extensions import override
+
+from callbacks import uq_logging
+from lightning_mlmc.errors import InputError
+from lightning_mlmc.figures import residual_plot
+from lightning_mlmc.picard import picard_sample
+from lightning_mlmc.sampling import NoiseSource, sample
+
+
+class PicardCallback(pl.Callback):
+    """Times the sequential sampler and the sliding-window Picard sampler (ParaDiGMS) on the EMA weights.
+
+    Both use the same ``NoiseSource`` (seed ``seed``) on ``samples_per_observation`` samples of each of the
+    first ``observations`` validation observations, in one batch. Logs ``picard/rounds``, ``nfe``, ``steps``,
+    ``speedup_rounds`` (steps / rounds), ``speedup_wall`` (sequential over Picard wall time, same run),
+    ``max_abs_diff`` (max |Picard - sequential|) and the residual-per-round plot. Runs on rank zero.
+
+    Args:
+        steps: sampler steps; window: Picard window (>= 1); tol: tolerance (> 0, in units of each step's
+        DDPM noise std); anderson: Anderson memory (0 = plain Picard); sampler: ddpm or ddim;
+        observations, samples_per_observation: batch; every_n_epochs: cadence (and once at the end of fit).
+    """
+
+    def __init__(self, steps: int = 100, window: int = 32, tol: float = 0.1, anderson: int = 0,
+                 sampler: Literal["ddpm", "ddim"] = "ddpm", observations: int = 2, samples_per_observation: int = 4,
+                 every_n_epochs: int = 1, seed: int = 0):
+        if steps < 1:
+            raise InputError(f"steps: expected >= 1, got {steps}")
+        if window < 1:
+            raise InputError(f"window: expected an integer >= 1, got {window}")
+        if not tol > 0:
+            raise InputError(f"tol: expected a positive number, got {tol}")
+        if anderson < 0:
+            raise InputError(f"anderson: expected >= 0, got {anderson}")
+        if sampler not in ("ddpm", "ddim"):
+            raise InputError(f"sampler: expected ddpm or ddim, got {sampler!r}")
+        if observations < 1 or samples_per_observation < 1:
+            raise InputError("observations/samples_per_observation: expected at least 1 of each")
+        if every_n_epochs < 1:
+            raise InputError(f"every_n_epochs: expected >= 1, got {every_n_epochs}")
+        self.steps, self.window, self.tol, self.anderson = int(steps), int(window), float(tol), int(anderson)
+        self.sampler, self.observations, self.samples = sampler, int(observations), int(samples_per_observation)
+        self.every_n_epochs, self.seed = int(every_n_epochs), int(seed)
+        self._last_step = -1
+
+    @override
+    def setup(self, trainer, pl_module, stage):
+        uq_logging.run_before_weight_averaging(self, trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self.run(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer, pl_module):
+        if self._last_step != trainer.global_step:
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        self._last_step = trainer.global_step
+        if not trainer.is_global_zero:
+            return {}
+        _, y = uq_logging.validation_observations(trainer, self.observations)
+        y = y.repeat_interleave(self.samples, dim=0).to(pl_module.device)
+        shape = (y.shape[0], *pl_module.operator.shape)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                noise = lambda: NoiseSource(self.seed, shape, dtype=torch.float32, device=pl_module.device)  # noqa: E731
+                seq = sample(pl_module.model, y, noise(), steps=self.steps, sampler=self.sampler)
+                par = picard_sample(pl_module.model, y, noise(), steps=self.steps, sampler=self.sampler,
+                                    window=self.window, tol=self.tol, anderson=self.anderson)
+        finally:
+            pl_module.train(was_training)
+        scalars = {
+            "picard/rounds": par.rounds,
+            "picard/nfe": par.nfe,
+            "picard/steps": self.steps,
+            "picard/speedup_rounds": self.steps / par.rounds,
+            "picard/speedup_wall": seq.wall_seconds / par.wall_seconds,
+            "picard/max_abs_diff": float((par.samples - seq.samples).abs().max()),
+        }
+        uq_logging.log_scalars(trainer, scalars)
+        path = os.path.join(uq_logging.media_folder(trainer), "picard_residuals.png")
+        residual_plot(path, par.stats["residuals"], self.tol)
+        uq_logging.log_images(trainer, "picard/residuals", [path])
+        return scalars

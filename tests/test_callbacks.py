@@ -1,0 +1,108 @@
+"""UQ callbacks in a real fit: offline W&B run read back from its run file, CSV fallback, CLI agreement."""
+
+import glob
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
+
+from callbacks import MLMCCallback, PicardCallback
+from datamodules import DigitsDataModule
+from lightning_mlmc.cli import main as cli_main
+from lightning_mlmc.errors import InputError
+from lightning_mlmc.module import ScoreModule
+from wandb_records import history
+
+SCALARS = ["mlmc/alpha", "mlmc/beta", "mlmc/gamma", "mlmc/nfe", "mlmc/nfe_mc", "mlmc/savings", "mlmc/rmse_bound",
+           "mlmc/psnr", "mlmc/ssim", "mlmc/coverage_1sd", "mlmc/coverage_2sd", "picard/rounds", "picard/nfe",
+           "picard/steps", "picard/speedup_rounds", "picard/speedup_wall", "picard/max_abs_diff"]
+MLMC_KW = dict(eps=0.2, observations=1, M=2, lmin=1, lmax=3, n0=8, seed=3, clip=2.0)
+
+
+def fit(tmp_path, logger, steps=4):
+    pl.seed_everything(0)
+    dm = DigitsDataModule({"name": "superres", "factor": 2, "noise_std": 0.05}, batch_size=32)
+    module = ScoreModule(operator=dm.operator_config(), channels=[8, 16], attention=False, warmup_steps=2)
+    mlmc_cb = MLMCCallback(**MLMC_KW)
+    picard_cb = PicardCallback(steps=10, window=4, tol=0.1, observations=1, samples_per_observation=2)
+    trainer = pl.Trainer(max_steps=steps, limit_val_batches=1, val_check_interval=steps, num_sanity_val_steps=1,
+                         logger=logger, default_root_dir=str(tmp_path), enable_progress_bar=False,
+                         callbacks=[EMAWeightAveraging(decay=0.5), mlmc_cb, picard_cb,
+                                    ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True)],
+                         accelerator="cpu")
+    trainer.fit(module, dm)
+    return trainer, dm, module, mlmc_cb
+
+
+def test_fit_with_callbacks_writes_every_key_to_the_offline_wandb_run(tmp_path):
+    import wandb
+
+    trainer, *_ = fit(tmp_path, WandbLogger(project="uq-test", save_dir=str(tmp_path), offline=True))
+    wandb.finish()
+    run_file = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))[0]
+    logged = history(run_file)
+    for key in SCALARS:
+        assert key in logged and all(math.isfinite(v) for v in logged[key]), key
+    # Media and tables are history entries describing files: {"_type": "images/separated" | "table-file", ...}.
+    for key in ("mlmc/uq", "mlmc/convergence", "mlmc/zscore", "picard/residuals", "mlmc/levels"):
+        assert f"{key}/_type" in logged, (key, sorted(logged))
+    media = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "**" / "*.*"), recursive=True)
+    assert any(p.endswith(".png") for p in media) and any(p.endswith(".json") for p in media)
+    summary = json.loads((tmp_path / "uq_summary.json").read_text())["latest"]
+    assert all(k in summary and summary[k] is not None for k in SCALARS)
+    # Ran once at the validation epoch; not again at fit end (same global step); none at the sanity check.
+    assert len(logged["mlmc/alpha"]) == 1
+
+
+def test_csv_logger_gets_scalars_pngs_and_tables(tmp_path):
+    trainer, *_ = fit(tmp_path, CSVLogger(str(tmp_path), name="csv"))
+    metrics = glob.glob(str(tmp_path / "csv" / "**" / "metrics.csv"), recursive=True)
+    header = open(metrics[0]).readline()
+    assert all(k in header for k in SCALARS)
+    media = os.listdir(tmp_path / "uq" / f"step_{trainer.global_step}")
+    assert {"mlmc_uq.png", "mlmc_zscore.png", "picard_residuals.png", "mlmc_levels.csv"} <= set(media)
+    assert any(m.startswith("mlmc_convergence") or m == "mlmc_convergence" for m in media)
+
+
+def test_logged_savings_and_rates_equal_the_cli_on_the_same_checkpoint(tmp_path):
+    trainer, dm, module, cb = fit(tmp_path, False)
+    # The callback ran at the validation of the last step, with the EMA weights the checkpoint stores.
+    res = cb.last_results[0]
+    _, y = dm.validation_observations(1)
+    np.save(tmp_path / "y.npy", y[0].numpy())
+    out = tmp_path / "m.json"
+    rc = cli_main(["mlmc", "--checkpoint", str(tmp_path / "ckpt" / "last.ckpt"), "--observation",
+                   str(tmp_path / "y.npy"), "--payoff", "moments", "--clip", "2", "--eps", "0.2", "--M", "2",
+                   "--lmin", "1", "--lmax", "3", "--n0", "8", "--seed", "3", "--out", str(out)])
+    assert rc in (0, 3)
+    cli = json.loads(out.read_text())
+    for key in ("alpha", "beta", "gamma", "nfe", "nfe_mc", "savings"):
+        assert cli[key] == pytest.approx(getattr(res, key), rel=1e-6, abs=1e-9), key
+    np.testing.assert_allclose(cli["estimate"], res.estimate, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("make, field", [
+    (lambda: MLMCCallback(eps=0), "eps"),
+    (lambda: MLMCCallback(observations=0), "observations"),
+    (lambda: MLMCCallback(lmin=4, lmax=2), "lmin"),
+    (lambda: MLMCCallback(M=1), "M"),
+    (lambda: PicardCallback(window=0), "window"),
+    (lambda: PicardCallback(tol=0), "tol"),
+    (lambda: PicardCallback(sampler="euler"), "sampler"),
+])
+def test_callback_arguments_are_validated_at_construction(make, field):
+    with pytest.raises(InputError, match=field):
+        make()
+
+
+def test_callbacks_run_before_the_ema_callback_so_they_see_the_averaged_weights(tmp_path):
+    ema, cb = EMAWeightAveraging(), MLMCCallback()
+    trainer = pl.Trainer(callbacks=[ema, cb], logger=False, default_root_dir=str(tmp_path))
+    cb.setup(trainer, None, "fit")
+    assert trainer.callbacks.index(cb) < trainer.callbacks.index(ema)
