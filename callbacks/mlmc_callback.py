@@ -8,7 +8,6 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from typing_extensions import override
 
 from callbacks import uq_logging
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
@@ -18,7 +17,7 @@ from lightning_mlmc.mlmc_cli import plot_levels
 from lightning_mlmc.posterior import coverage, psnr, ssim
 
 
-class MLMCCallback(pl.Callback):
+class MLMCCallback(uq_logging.ValidationUQCallback):
     """Runs Giles' adaptive MLMC (``lightning_mlmc.mlmc.mlmc``) on the EMA weights at validation time.
 
     For each of the first ``observations`` fixed validation observations it estimates the posterior mean
@@ -67,26 +66,9 @@ class MLMCCallback(pl.Callback):
         if clip is not None and not clip > 0:
             raise InputError(f"clip: expected a positive number or null, got {clip}")
         self.sampler, self.seed, self.batch_size, self.clip = sampler, int(seed), int(batch_size), clip
-        self._last_step = -1
         self.last_results: list = []
 
-    @override
-    def setup(self, trainer, pl_module, stage):
-        uq_logging.run_before_weight_averaging(self, trainer)
-
-    @override
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self.run(trainer, pl_module)
-
-    @override
-    def on_fit_end(self, trainer, pl_module):
-        if self._last_step != trainer.global_step:
-            self.run(trainer, pl_module)
-
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        self._last_step = trainer.global_step
         truth, y = uq_logging.validation_observations(trainer, self.observations)
         was_training = pl_module.training
         pl_module.eval()

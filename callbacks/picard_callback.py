@@ -7,7 +7,6 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
-from typing_extensions import override
 
 from callbacks import uq_logging
 from lightning_mlmc.errors import InputError
@@ -16,7 +15,7 @@ from lightning_mlmc.picard import picard_sample
 from lightning_mlmc.sampling import NoiseSource, sample
 
 
-class PicardCallback(pl.Callback):
+class PicardCallback(uq_logging.ValidationUQCallback):
     """Times the sequential sampler and the sliding-window Picard sampler (ParaDiGMS) on the EMA weights.
 
     Both use the same ``NoiseSource`` (seed ``seed``) on ``samples_per_observation`` samples of each of the
@@ -50,25 +49,8 @@ class PicardCallback(pl.Callback):
         self.steps, self.window, self.tol, self.anderson = int(steps), int(window), float(tol), int(anderson)
         self.sampler, self.observations, self.samples = sampler, int(observations), int(samples_per_observation)
         self.every_n_epochs, self.seed = int(every_n_epochs), int(seed)
-        self._last_step = -1
-
-    @override
-    def setup(self, trainer, pl_module, stage):
-        uq_logging.run_before_weight_averaging(self, trainer)
-
-    @override
-    def on_validation_epoch_end(self, trainer, pl_module):
-        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
-            return
-        self.run(trainer, pl_module)
-
-    @override
-    def on_fit_end(self, trainer, pl_module):
-        if self._last_step != trainer.global_step:
-            self.run(trainer, pl_module)
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        self._last_step = trainer.global_step
         if not trainer.is_global_zero:
             return {}
         _, y = uq_logging.validation_observations(trainer, self.observations)

@@ -16,6 +16,7 @@ import shutil
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
+from typing_extensions import override
 
 
 def run_folder(trainer: pl.Trainer) -> str:
@@ -96,3 +97,32 @@ def run_before_weight_averaging(callback: pl.Callback, trainer: pl.Trainer) -> N
     mine = callbacks.index(callback)
     if ema and ema[0] < mine:
         callbacks.insert(ema[0], callbacks.pop(mine))
+
+
+class ValidationUQCallback(pl.Callback):
+    """Shared schedule of the UQ callbacks: every ``every_n_epochs`` validation epochs (never during the
+    sanity check) and once more at the end of fit unless that step was just covered. Subclasses set
+    ``every_n_epochs`` and implement ``run(trainer, pl_module)``."""
+
+    every_n_epochs: int = 1
+    _last_step: int = -1
+
+    @override
+    def setup(self, trainer, pl_module, stage):
+        run_before_weight_averaging(self, trainer)
+
+    @override
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking or (trainer.current_epoch + 1) % self.every_n_epochs:
+            return
+        self._last_step = trainer.global_step
+        self.run(trainer, pl_module)
+
+    @override
+    def on_fit_end(self, trainer, pl_module):
+        if self._last_step != trainer.global_step:
+            self._last_step = trainer.global_step
+            self.run(trainer, pl_module)
+
+    def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        raise NotImplementedError
