@@ -119,15 +119,19 @@ class _Anderson:
             return g_new
         dR = torch.stack(d_res, -1).reshape(p, -1, len(d_res))  # (p, D, m)
         dG = torch.stack(d_g, -1).reshape(p, -1, len(d_g))
-        r = res.reshape(p, -1)
-        gram = torch.cumsum(dR.transpose(1, 2) @ dR, 0)  # (p, m, m), steps j..i
-        rhs = torch.cumsum(dR.transpose(1, 2) @ r.unsqueeze(-1), 0)  # (p, m, 1)
+        # The small least-squares systems are solved in float64 whatever the sample dtype: in float32 a
+        # window whose residual differences vanish gives an exactly singular (and underflowing) system.
+        dR64, r = dR.double(), res.reshape(p, -1).double()
+        gram = torch.cumsum(dR64.transpose(1, 2) @ dR64, 0)  # (p, m, m), steps j..i
+        rhs = torch.cumsum(dR64.transpose(1, 2) @ r.unsqueeze(-1), 0)  # (p, m, 1)
         eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
         scale = gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-300)[:, None, None]
-        gamma = torch.linalg.solve(gram + self.reg * scale * eye, rhs)
-        # Safeguard: steps whose mixing coefficients blow up take the plain Picard value.
-        ok = (gamma.abs().amax((1, 2)) <= self.max_coef) & torch.isfinite(gamma).all(-1).all(-1)
-        gamma = torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma))
+        gamma, info = torch.linalg.solve_ex(gram + self.reg * scale * eye, rhs)
+        # Safeguard: steps whose system is singular or whose mixing coefficients blow up take the plain
+        # Picard value.
+        ok = (info == 0) & torch.isfinite(gamma).all(-1).all(-1)
+        ok &= torch.nan_to_num(gamma, nan=float("inf")).abs().amax((1, 2)) <= self.max_coef
+        gamma = torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma)).to(dG.dtype)
         out = (g_new.reshape(p, -1) - (dG @ gamma).squeeze(-1)).reshape(g_new.shape)
         out[0] = g_new[0]
         return out
