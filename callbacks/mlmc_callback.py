@@ -12,7 +12,7 @@ import torch
 from callbacks import uq_logging
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 from lightning_mlmc.figures import uq_map, zscore_histogram
-from lightning_mlmc.mlmc import CoupledLevelSampler, make_payoff, mlmc
+from lightning_mlmc.mlmc import CoupledLevelSampler, make_payoff, mlmc, mlmc_test
 from lightning_mlmc.mlmc_cli import plot_levels
 from lightning_mlmc.posterior import coverage, psnr, ssim
 
@@ -39,6 +39,11 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         sampler: ``ddpm`` or ``ddim``.
         seed: base seed.
         batch_size: samples per batched call.
+        rates: ``adaptive`` fits alpha, beta, gamma from the adaptive run's levels; ``mlmc_test`` fits them
+            from Giles' fixed-level ``mlmc_test`` (``rate_samples`` samples on every level lmin..lmax, as
+            ``lightning-mlmc mlmc-test --levels lmax --samples rate_samples``), whose table (with kurtosis
+            and the consistency check) is then the logged ``mlmc/levels``; the estimate, NFEs and savings
+            still come from the adaptive run.
         clip: clamp samples to [-clip, clip] before the payoff (images live in [-1, 1]). Early in training
             a network's samples can be far outside the data range; without a clip their variance would
             make MLMC ask for an enormous number of samples. ``null`` disables it.
@@ -46,7 +51,8 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
 
     def __init__(self, eps: float = 0.1, observations: int = 2, every_n_epochs: int = 1, M: int = 2,
                  lmin: int = 2, lmax: int = 6, n0: int = 32, sampler: Literal["ddpm", "ddim"] = "ddpm",
-                 seed: int = 0, batch_size: int = 512, clip: float | None = 2.0):
+                 seed: int = 0, batch_size: int = 512, clip: float | None = 2.0,
+                 rates: Literal["adaptive", "mlmc_test"] = "adaptive", rate_samples: int = 200):
         if not eps > 0:
             raise InputError(f"eps: expected a positive number, got {eps}")
         if observations < 1:
@@ -65,13 +71,20 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         self.M, self.lmin, self.lmax, self.n0 = int(M), int(lmin), int(lmax), int(n0)
         if clip is not None and not clip > 0:
             raise InputError(f"clip: expected a positive number or null, got {clip}")
+        if rates not in ("adaptive", "mlmc_test"):
+            raise InputError(f"rates: expected adaptive or mlmc_test, got {rates!r}")
+        if rates == "mlmc_test" and (rate_samples < 2 or lmax <= lmin):
+            raise InputError("rates: mlmc_test needs rate_samples >= 2 and lmax > lmin")
         self.sampler, self.seed, self.batch_size, self.clip = sampler, int(seed), int(batch_size), clip
+        self.rates, self.rate_samples = rates, int(rate_samples)
+        self.last_tests: list = []
         self.last_results: list = []
 
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         truth, y = uq_logging.validation_observations(trainer, self.observations)
         was_training = pl_module.training
         pl_module.eval()
+        self.last_tests = []
         try:
             with torch.no_grad():
                 results = [self._estimate(pl_module, y[i:i + 1].to(pl_module.device), i) for i in range(len(y))]
@@ -87,6 +100,8 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         sampler = CoupledLevelSampler(pl_module.model, y, shape, M=self.M, lmin=self.lmin, sampler=self.sampler,
                                       payoff=make_payoff("moments", self.clip), seed=self.seed + i, dtype=torch.float32,
                                       device=pl_module.device)
+        if self.rates == "mlmc_test":
+            self.last_tests.append(mlmc_test(sampler, self.lmax, self.rate_samples, batch_size=self.batch_size))
         try:
             return mlmc(sampler, self.eps, M=self.M, lmin=self.lmin, lmax=self.lmax, n0=self.n0,
                         cost_fn=sampler.cost, batch_size=self.batch_size, pixels=sampler.pixels)
@@ -100,10 +115,11 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         std = (est[:, n:] - est[:, :n] ** 2).clamp_min(0).sqrt().reshape(truth.shape).float()
         truth = truth.float()
         nfe, nfe_mc = sum(r.nfe for r in results), sum(r.nfe_mc for r in results)
+        fits = self.last_tests or results
         scalars = {
-            "mlmc/alpha": np.mean([r.alpha for r in results]),
-            "mlmc/beta": np.mean([r.beta for r in results]),
-            "mlmc/gamma": np.mean([r.gamma for r in results]),
+            "mlmc/alpha": np.mean([r.alpha for r in fits]),
+            "mlmc/beta": np.mean([r.beta for r in fits]),
+            "mlmc/gamma": np.mean([r.gamma for r in fits]),
             "mlmc/nfe": nfe,
             "mlmc/nfe_mc": nfe_mc,
             "mlmc/savings": nfe_mc / nfe,
@@ -116,9 +132,15 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         }
         uq_logging.log_scalars(trainer, scalars)
         folder = uq_logging.media_folder(trainer)
-        rows = [[i, lv["level"], lv["n_samples"], lv["mean"], lv["var"], lv["cost"]]
-                for i, r in enumerate(results) for lv in r.levels]
-        uq_logging.log_table(trainer, "mlmc/levels", ["observation", "level", "n_samples", "mean", "var", "cost"], rows)
+        if self.last_tests:
+            rows = [[i, row.level, self.rate_samples, row.mean, row.var, row.cost, row.kurtosis, row.check]
+                    for i, t in enumerate(self.last_tests) for row in t.rows]
+            columns = ["observation", "level", "n_samples", "mean", "var", "cost", "kurtosis", "check"]
+        else:
+            rows = [[i, lv["level"], lv["n_samples"], lv["mean"], lv["var"], lv["cost"]]
+                    for i, r in enumerate(results) for lv in r.levels]
+            columns = ["observation", "level", "n_samples", "mean", "var", "cost"]
+        uq_logging.log_table(trainer, "mlmc/levels", columns, rows)
         plots = plot_levels(results[0].levels, os.path.join(folder, "mlmc_convergence"), M=self.M)
         uq_logging.log_images(trainer, "mlmc/convergence", plots[:2])
         if truth.dim() == 4:

@@ -25,11 +25,11 @@ SCALARS = ["mlmc/alpha", "mlmc/beta", "mlmc/gamma", "mlmc/nfe", "mlmc/nfe_mc", "
 MLMC_KW = dict(eps=0.2, observations=1, M=2, lmin=1, lmax=3, n0=8, seed=3, clip=2.0)
 
 
-def fit(tmp_path, logger, steps=4):
+def fit(tmp_path, logger, steps=4, **mlmc_kw):
     pl.seed_everything(0)
     dm = DigitsDataModule({"name": "superres", "factor": 2, "noise_std": 0.05}, batch_size=32)
     module = ScoreModule(operator=dm.operator_config(), channels=[8, 16], attention=False, warmup_steps=2)
-    mlmc_cb = MLMCCallback(**MLMC_KW)
+    mlmc_cb = MLMCCallback(**{**MLMC_KW, **mlmc_kw})
     picard_cb = PicardCallback(steps=10, window=4, tol=0.1, observations=1, samples_per_observation=2)
     trainer = pl.Trainer(max_steps=steps, limit_val_batches=1, val_check_interval=steps, num_sanity_val_steps=1,
                          logger=logger, default_root_dir=str(tmp_path), enable_progress_bar=False,
@@ -87,7 +87,24 @@ def test_logged_savings_and_rates_equal_the_cli_on_the_same_checkpoint(tmp_path)
     np.testing.assert_allclose(cli["estimate"], res.estimate, rtol=1e-5, atol=1e-6)
 
 
+def test_mlmc_test_rates_equal_the_cli_mlmc_test(tmp_path):
+    trainer, dm, module, cb = fit(tmp_path, False, rates="mlmc_test", rate_samples=16)
+    test = cb.last_tests[0]
+    _, y = dm.validation_observations(1)
+    np.save(tmp_path / "y.npy", y[0].numpy())
+    out = tmp_path / "t.json"
+    rc = cli_main(["mlmc-test", "--checkpoint", str(tmp_path / "ckpt" / "last.ckpt"), "--observation",
+                   str(tmp_path / "y.npy"), "--payoff", "moments", "--clip", "2", "--lmin", "1", "--levels", "3",
+                   "--samples", "16", "--seed", "3", "--out", str(out)])
+    assert rc == 0
+    cli = json.loads(out.read_text())
+    for key in ("alpha", "beta", "gamma"):
+        assert cli[key] == pytest.approx(getattr(test, key), rel=1e-6), key
+    assert [r["kurtosis"] for r in cli["rows"]] == pytest.approx([r.kurtosis for r in test.rows], rel=1e-6)
+
+
 @pytest.mark.parametrize("make, field", [
+    (lambda: MLMCCallback(rates="fixed"), "rates"),
     (lambda: MLMCCallback(eps=0), "eps"),
     (lambda: MLMCCallback(observations=0), "observations"),
     (lambda: MLMCCallback(lmin=4, lmax=2), "lmin"),
