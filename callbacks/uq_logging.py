@@ -8,6 +8,7 @@ files under ``<run folder>/uq/step_<global step>/``. Every scalar also goes to `
 
 from __future__ import annotations
 
+import abc
 import csv
 import json
 import math
@@ -99,7 +100,7 @@ def run_before_weight_averaging(callback: pl.Callback, trainer: pl.Trainer) -> N
         callbacks.insert(ema[0], callbacks.pop(mine))
 
 
-class ValidationUQCallback(pl.Callback):
+class ValidationUQCallback(pl.Callback, abc.ABC):
     """Shared schedule of the UQ callbacks: every ``every_n_epochs`` validation epochs (never during the
     sanity check) and once more at the end of fit unless that step was just covered. Subclasses set
     ``every_n_epochs`` and implement ``run(trainer, pl_module)``."""
@@ -124,5 +125,6 @@ class ValidationUQCallback(pl.Callback):
             self._last_step = trainer.global_step
             self.run(trainer, pl_module)
 
+    @abc.abstractmethod
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        raise NotImplementedError
+        """Sample, log on rank zero, and return the logged scalars (empty on other ranks)."""

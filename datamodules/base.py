@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
@@ -26,7 +27,7 @@ class ObserveBatch:
         return x, self.operator.observe(x)
 
 
-class InverseProblemDataModule(pl.LightningDataModule):
+class InverseProblemDataModule(pl.LightningDataModule, abc.ABC):
     """Base class: subclasses set ``image_shape`` and implement ``load_splits() -> (train, val, test)``.
 
     Args:
@@ -65,8 +66,9 @@ class InverseProblemDataModule(pl.LightningDataModule):
         """The operator config that LightningCLI links into ``model.operator``."""
         return self.operator.config()
 
+    @abc.abstractmethod
     def load_splits(self) -> tuple[Tensor, Tensor, Tensor]:
-        raise NotImplementedError
+        """The clean (train, val, test) images, each (N, *image_shape) in [-1, 1]."""
 
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:

@@ -16,15 +16,31 @@ def _image(ax, img: np.ndarray, vmin=None, vmax=None, cmap="gray"):
     ax.set_yticks([])
 
 
-def posterior_grid(path: str, truth: Tensor, observation: Tensor, samples: Tensor, mean: Tensor, std: Tensor,
-                   num_samples_shown: int = 4, title: str | None = None) -> None:
-    """Write a PNG grid. Shapes: truth/observation/mean/std (N, C, H, W) (observation already at image
-    size, e.g. ``operator.condition(y)[:, :C]``), samples (N, S, C, H, W)."""
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save_panel(fig, axes, cols, path: str, title: str | None) -> None:
+    """Column titles, optional suptitle, save as PNG, close."""
+    for j, name in enumerate(cols):
+        axes[0, j].set_title(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+
+
+def posterior_grid(path: str, truth: Tensor, observation: Tensor, samples: Tensor, mean: Tensor, std: Tensor,
+                   num_samples_shown: int = 4, title: str | None = None) -> None:
+    """Write a PNG grid. Shapes: truth/observation/mean/std (N, C, H, W) (observation already at image
+    size, e.g. ``operator.condition(y)[:, :C]``), samples (N, S, C, H, W)."""
+    plt = _plt()
     n = truth.shape[0]
     shown = min(num_samples_shown, samples.shape[1])
     cols = ["truth", "y"] + [f"sample {i + 1}" for i in range(shown)] + ["posterior mean", "pixel std"]
@@ -35,22 +51,7 @@ def posterior_grid(path: str, truth: Tensor, observation: Tensor, samples: Tenso
         for j, img in enumerate(row):
             _image(axes[i, j], img.detach().cpu().float().numpy(), -1, 1)
         _image(axes[i, -1], std[i].detach().cpu().float().numpy().mean(0, keepdims=True), 0, std_max, "magma")
-    for j, name in enumerate(cols):
-        axes[0, j].set_title(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    _save_panel(fig, axes, cols, path, title)
 
 
 def uq_map(path: str, observation: Tensor, truth: Tensor, mean: Tensor, std: Tensor, title: str | None = None) -> None:
@@ -67,13 +68,7 @@ def uq_map(path: str, observation: Tensor, truth: Tensor, mean: Tensor, std: Ten
             _image(axes[i, j], img.detach().cpu().float().numpy(), -1, 1)
         for j, img in ((3, std[i]), (4, err[i])):
             _image(axes[i, j], img.detach().cpu().float().numpy().mean(0, keepdims=True), 0, vmax, "magma")
-    for j, name in enumerate(cols):
-        axes[0, j].set_title(name, fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save_panel(fig, axes, cols, path, title)
 
 
 def zscore_histogram(path: str, z: np.ndarray) -> None:

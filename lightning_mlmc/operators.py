@@ -19,6 +19,7 @@ checkpoints and exported model folders store it.
 
 from __future__ import annotations
 
+import abc
 from typing import Literal, Sequence
 
 import numpy as np
@@ -46,7 +47,7 @@ def _noise_std(value: float) -> float:
     return value
 
 
-class Operator:
+class Operator(abc.ABC):
     """Base class: a linear operator with Gaussian observation noise on images of ``shape``."""
 
     name: str = ""
@@ -55,22 +56,24 @@ class Operator:
         self.shape = _shape(shape)
         self.noise_std = _noise_std(noise_std)
 
-    # -- to implement ----------------------------------------------------------------------------
+    # -- each operator defines ---------------------------------------------------------------------
+    @abc.abstractmethod
     def apply(self, x: Tensor) -> Tensor:
         """A(x) for x of shape (B, *shape); returns (B, *observation_shape)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def condition(self, y: Tensor) -> Tensor:
         """Conditioning channels (B, cond_channels, H, W) (or (B, m) for vector problems)."""
-        raise NotImplementedError
 
     @property
+    @abc.abstractmethod
     def observation_shape(self) -> tuple[int, ...]:
-        raise NotImplementedError
+        """Shape of one observation y."""
 
     @property
+    @abc.abstractmethod
     def cond_channels(self) -> int:
-        raise NotImplementedError
+        """Number of conditioning channels (entries for vector problems)."""
 
     def _params(self) -> dict:
         return {}

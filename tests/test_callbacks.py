@@ -70,18 +70,24 @@ def test_csv_logger_gets_scalars_pngs_and_tables(tmp_path):
     assert any(m.startswith("mlmc_convergence") or m == "mlmc_convergence" for m in media)
 
 
+def cli_on_fitted_checkpoint(tmp_path, dm, command, *args):
+    """Run ``command`` of the CLI on the fit's last.ckpt and first validation observation (the callback's
+    settings: moments payoff, clip 2, lmin 1, seed 3); returns (exit status, result JSON)."""
+    _, y = dm.validation_observations(1)
+    np.save(tmp_path / "y.npy", y[0].numpy())
+    out = tmp_path / f"{command}.json"
+    rc = cli_main([command, "--checkpoint", str(tmp_path / "ckpt" / "last.ckpt"), "--observation",
+                   str(tmp_path / "y.npy"), "--payoff", "moments", "--clip", "2", "--lmin", "1", "--seed", "3",
+                   *args, "--out", str(out)])
+    return rc, json.loads(out.read_text())
+
+
 def test_logged_savings_and_rates_equal_the_cli_on_the_same_checkpoint(tmp_path):
     trainer, dm, module, cb = fit(tmp_path, False)
     # The callback ran at the validation of the last step, with the EMA weights the checkpoint stores.
     res = cb.last_results[0]
-    _, y = dm.validation_observations(1)
-    np.save(tmp_path / "y.npy", y[0].numpy())
-    out = tmp_path / "m.json"
-    rc = cli_main(["mlmc", "--checkpoint", str(tmp_path / "ckpt" / "last.ckpt"), "--observation",
-                   str(tmp_path / "y.npy"), "--payoff", "moments", "--clip", "2", "--eps", "0.2", "--M", "2",
-                   "--lmin", "1", "--lmax", "3", "--n0", "8", "--seed", "3", "--out", str(out)])
+    rc, cli = cli_on_fitted_checkpoint(tmp_path, dm, "mlmc", "--eps", "0.2", "--M", "2", "--lmax", "3", "--n0", "8")
     assert rc in (0, 3)
-    cli = json.loads(out.read_text())
     for key in ("alpha", "beta", "gamma", "nfe", "nfe_mc", "savings"):
         assert cli[key] == pytest.approx(getattr(res, key), rel=1e-6, abs=1e-9), key
     np.testing.assert_allclose(cli["estimate"], res.estimate, rtol=1e-5, atol=1e-6)
@@ -90,14 +96,8 @@ def test_logged_savings_and_rates_equal_the_cli_on_the_same_checkpoint(tmp_path)
 def test_mlmc_test_rates_equal_the_cli_mlmc_test(tmp_path):
     trainer, dm, module, cb = fit(tmp_path, False, rates="mlmc_test", rate_samples=16)
     test = cb.last_tests[0]
-    _, y = dm.validation_observations(1)
-    np.save(tmp_path / "y.npy", y[0].numpy())
-    out = tmp_path / "t.json"
-    rc = cli_main(["mlmc-test", "--checkpoint", str(tmp_path / "ckpt" / "last.ckpt"), "--observation",
-                   str(tmp_path / "y.npy"), "--payoff", "moments", "--clip", "2", "--lmin", "1", "--levels", "3",
-                   "--samples", "16", "--seed", "3", "--out", str(out)])
+    rc, cli = cli_on_fitted_checkpoint(tmp_path, dm, "mlmc-test", "--levels", "3", "--samples", "16")
     assert rc == 0
-    cli = json.loads(out.read_text())
     for key in ("alpha", "beta", "gamma"):
         assert cli[key] == pytest.approx(getattr(test, key), rel=1e-6), key
     assert [r["kurtosis"] for r in cli["rows"]] == pytest.approx([r.kurtosis for r in test.rows], rel=1e-6)
