@@ -15,6 +15,7 @@ from lightning_mlmc.figures import uq_map, zscore_histogram
 from lightning_mlmc.mlmc import CoupledLevelSampler, make_payoff, mlmc, mlmc_test
 from lightning_mlmc.mlmc_cli import plot_levels
 from lightning_mlmc.posterior import coverage, psnr, ssim
+from lightning_mlmc.schedule import TimeGrid
 
 
 class MLMCCallback(uq_logging.ValidationUQCallback):
@@ -35,8 +36,11 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         eps: target RMSE (> 0).
         observations: how many validation observations (>= 1).
         every_n_epochs: run every n validation epochs, and once more at the end of fit.
-        M, lmin, lmax, n0: MLMC refinement factor, coarsest/finest level, pilot samples per level.
+        M, lmin, lmax, n0: MLMC refinement factor, coarsest/finest level, pilot samples per level;
+            ``lmin: auto`` picks Lmin from a coupled pilot run (not with ``rates: mlmc_test``).
         sampler: ``ddpm`` or ``ddim``.
+        grid, coupling: the time-grid family (``uniform``, ``polynomial``, ``logsnr``, ``edm``; ``rho`` for
+            the warps) and the coarse-noise coupling (``naive`` or ``weighted``), as on the CLI.
         seed: base seed.
         batch_size: samples per batched call.
         rates: ``adaptive`` fits alpha, beta, gamma from the adaptive run's levels; ``mlmc_test`` fits them
@@ -50,8 +54,9 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
     """
 
     def __init__(self, eps: float = 0.1, observations: int = 2, every_n_epochs: int = 1, M: int = 2,
-                 lmin: int = 2, lmax: int = 6, n0: int = 32, sampler: Literal["ddpm", "ddim"] = "ddpm",
-                 seed: int = 0, batch_size: int = 512, clip: float | None = 2.0,
+                 lmin: int | Literal["auto"] = 2, lmax: int = 6, n0: int = 32,
+                 sampler: Literal["ddpm", "ddim"] = "ddpm", grid: str = "uniform", rho: float | None = None,
+                 coupling: Literal["naive", "weighted"] = "naive", seed: int = 0, batch_size: int = 512, clip: float | None = 2.0,
                  rates: Literal["adaptive", "mlmc_test"] = "adaptive", rate_samples: int = 200):
         if not eps > 0:
             raise InputError(f"eps: expected a positive number, got {eps}")
@@ -61,14 +66,21 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             raise InputError(f"every_n_epochs: expected >= 1, got {every_n_epochs}")
         if int(M) != M or M < 2:
             raise InputError(f"M: expected an integer >= 2, got {M}")
-        if not 0 <= lmin <= lmax:
-            raise InputError(f"lmin/lmax: expected 0 <= lmin <= lmax, got {lmin} and {lmax}")
+        if lmin == "auto":
+            if lmax < 1 or rates == "mlmc_test":
+                raise InputError("lmin: 'auto' needs lmax >= 1 and rates: adaptive")
+        elif not (isinstance(lmin, int) and 0 <= lmin <= lmax):
+            raise InputError(f"lmin/lmax: expected 0 <= lmin <= lmax or lmin 'auto', got {lmin} and {lmax}")
+        if coupling not in ("naive", "weighted"):
+            raise InputError(f"coupling: expected naive or weighted, got {coupling!r}")
+        self.grid = TimeGrid(grid, rho=rho if rho is not None else (2.0 if grid == "polynomial" else 7.0))
+        self.coupling = coupling
         if n0 < 2:
             raise InputError(f"n0: expected >= 2 pilot samples, got {n0}")
         if sampler not in ("ddpm", "ddim"):
             raise InputError(f"sampler: expected ddpm or ddim, got {sampler!r}")
         self.eps, self.observations, self.every_n_epochs = float(eps), int(observations), int(every_n_epochs)
-        self.M, self.lmin, self.lmax, self.n0 = int(M), int(lmin), int(lmax), int(n0)
+        self.M, self.lmin, self.lmax, self.n0 = int(M), lmin if lmin == "auto" else int(lmin), int(lmax), int(n0)
         if clip is not None and not clip > 0:
             raise InputError(f"clip: expected a positive number or null, got {clip}")
         if rates not in ("adaptive", "mlmc_test"):
@@ -97,8 +109,8 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
 
     def _estimate(self, pl_module, y, i):
         shape = tuple(pl_module.operator.shape)
-        sampler = CoupledLevelSampler(pl_module.model, y, shape, M=self.M, lmin=self.lmin, sampler=self.sampler,
-                                      payoff=make_payoff("moments", self.clip), seed=self.seed + i, dtype=torch.float32,
+        sampler = CoupledLevelSampler(pl_module.model, y, shape, M=self.M, lmin=0 if self.lmin == "auto" else self.lmin,
+                                      sampler=self.sampler, grid=self.grid, coupling=self.coupling, payoff=make_payoff("moments", self.clip), seed=self.seed + i, dtype=torch.float32,
                                       device=pl_module.device)
         if self.rates == "mlmc_test":
             self.last_tests.append(mlmc_test(sampler, self.lmax, self.rate_samples, batch_size=self.batch_size))

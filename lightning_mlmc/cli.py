@@ -109,6 +109,8 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--problem", help="analytic problem spec (JSON): exact score")
     src.add_argument("--checkpoint", help="trained model: a Lightning .ckpt or an exported model folder")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="with --checkpoint: also load checkpoints that need full unpickling (can run code)")
     p.add_argument("--observation", help="with --checkpoint: y as .npy, or .npz with key 'y' "
                                           "(observation shape, optionally with a leading 1)")
     p.add_argument("--start", choices=["gaussian", "observation", "masked"], default="gaussian",
@@ -190,7 +192,7 @@ def _load_checkpoint_target(args):
 
     if not args.observation:
         raise InputError("observation: --checkpoint needs --observation Y.npy (the y to condition on)")
-    model = load_score_model(args.checkpoint)
+    model = load_score_model(args.checkpoint, allow_pickle=getattr(args, "allow_pickle", False))
     op = model.operator
     y = load_observation(args.observation, op)
     dtype = torch.float32

@@ -12,14 +12,16 @@ def add_commands(sub, add_problem_args, positive_float, positive_int, nonneg_int
     def common(p):
         add_problem_args(p)
         p.add_argument("--M", type=positive_int("M"), default=2, help="refinement factor (>= 2)")
-        p.add_argument("--lmin", type=nonneg_int("lmin"), default=0)
+        p.add_argument("--lmin", type=lmin_arg(nonneg_int("lmin")), default=0,
+                       help="coarsest level, or 'auto' (mlmc only): chosen from a coupled pilot run")
         p.add_argument("--lmax", type=nonneg_int("lmax"), default=10)
         p.add_argument("--n0", type=positive_int("n0"), default=100, help="pilot samples per level")
         p.add_argument("--theta", type=positive_float("theta"), default=0.25)
         p.add_argument("--payoff", choices=["second_moment", "mean", "moments"], default="second_moment")
         p.add_argument("--clip", type=positive_float("clip"), default=None)
         p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-        p.add_argument("--coupling", choices=["weighted", "naive"], default="weighted")
+        p.add_argument("--coupling", choices=["naive", "weighted"], default="naive",
+                       help="coarse noise from the fine noises: naive sum / sqrt(M) (default) or the seed's weights")
         p.add_argument("--batch-size", type=positive_int("batch-size"), default=1000)
         p.add_argument("--plots", help="folder for the convergence plots (PNG)")
         p.add_argument("--out", required=True)
@@ -38,6 +40,13 @@ def add_commands(sub, add_problem_args, positive_float, positive_int, nonneg_int
     p.set_defaults(func=cmd_mlmc_test)
 
 
+def lmin_arg(as_int):
+    def parse(s):
+        return "auto" if s == "auto" else as_int(s)
+
+    return parse
+
+
 def _sampler(args):
     from lightning_mlmc.cli import load_target, make_grid
     from lightning_mlmc.mlmc import CoupledLevelSampler, make_payoff
@@ -45,13 +54,17 @@ def _sampler(args):
     if args.M < 2:
         raise InputError(f"M: expected an integer >= 2, got {args.M}")
     model, y, shape, start, dtype = load_target(args)
-    return CoupledLevelSampler(model, y, shape, M=args.M, lmin=args.lmin, sampler=args.sampler,
+    lmin = 0 if args.lmin == "auto" else args.lmin  # mlmc() moves it to the pilot's choice
+    return CoupledLevelSampler(model, y, shape, M=args.M, lmin=lmin, sampler=args.sampler,
                                coupling=args.coupling, payoff=make_payoff(args.payoff, args.clip),
                                start=start, grid=make_grid(args), seed=args.seed, dtype=dtype)
 
 
 def _check_levels(args):
-    if args.lmin >= args.lmax:
+    if args.lmin == "auto":
+        if args.lmax < 1:
+            raise InputError(f"lmax: expected at least 1 with --lmin auto, got {args.lmax}")
+    elif args.lmin >= args.lmax:
         raise InputError(f"lmin: expected lmin < lmax, got lmin={args.lmin}, lmax={args.lmax}")
     if not 0 < args.theta < 1:
         raise InputError(f"theta: expected 0 < theta < 1, got {args.theta}")
@@ -91,6 +104,8 @@ def cmd_mlmc_test(args) -> int:
     from lightning_mlmc.mlmc import mlmc_test
 
     _check_levels(args)
+    if args.lmin == "auto":
+        raise InputError("lmin: 'auto' is for mlmc; mlmc-test tabulates the fixed levels lmin..levels")
     if args.levels <= args.lmin:
         raise InputError(f"levels: expected more than lmin = {args.lmin}, got {args.levels}")
     _check_out(args.out)

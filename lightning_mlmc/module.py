@@ -211,11 +211,12 @@ class ScoreModule(pl.LightningModule):
         self.model.export(folder)
 
 
-def load_score_module(path: str, map_location="cpu") -> ScoreModule:
+def load_score_module(path: str, map_location="cpu", allow_pickle: bool = False) -> ScoreModule:
     """Load a ``ScoreModule`` from a Lightning checkpoint (EMA weights), with ``weights_only=True``.
 
-    Falls back to full unpickling (with a warning) only for checkpoints that hold non-tensor Python
-    objects, e.g. ones written by older versions.
+    A checkpoint that holds arbitrary Python objects (unpickling it can run code) is refused unless
+    ``allow_pickle=True`` (CLI: ``--allow-pickle``), which loads it with a warning. Exported folders
+    (safetensors) never need it.
     """
     if not os.path.isfile(path):
         raise InputError(f"checkpoint: no such file {path!r}")
@@ -223,8 +224,14 @@ def load_score_module(path: str, map_location="cpu") -> ScoreModule:
         raise InputError(f"checkpoint: cannot read {path!r}: not a PyTorch checkpoint (torch.save zip archive)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        warnings.warn(f"{path}: the checkpoint holds Python objects; loading it with weights_only=False", stacklevel=2)
+    except pickle.UnpicklingError as e:
+        if not allow_pickle:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else "arbitrary Python objects"
+            raise InputError(f"checkpoint: {path!r} holds Python objects that weights_only loading refuses "
+                             f"({first[:120]}); pass --allow-pickle (allow_pickle=True) only if you trust "
+                             "its source") from None
+        warnings.warn(f"{path}: loading with weights_only=False (allow_pickle): unpickling can run code",
+                      stacklevel=2)
         try:
             ckpt = torch.load(path, map_location=map_location, weights_only=False)
         except Exception as e:  # noqa: BLE001 - any failure means an unreadable file
@@ -243,8 +250,8 @@ def load_score_module(path: str, map_location="cpu") -> ScoreModule:
     return module.eval()
 
 
-def load_score_model(path: str) -> ScoreModel:
+def load_score_model(path: str, allow_pickle: bool = False) -> ScoreModel:
     """A ``ScoreModel`` from a Lightning checkpoint file or an exported diffusers folder."""
     if os.path.isdir(path):
         return load_exported(path)
-    return load_score_module(path).model
+    return load_score_module(path, allow_pickle=allow_pickle).model

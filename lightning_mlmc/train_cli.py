@@ -8,7 +8,11 @@ and the W&B run to its ``wandb/``.
 
 Logging: W&B runs offline by default (configs set ``offline: true``; this module points ``WANDB_DIR``/``WANDB_CACHE_DIR``/``WANDB_DATA_DIR`` there); ``wandb sync``
 uploads later. ``--trainer.logger.init_args.offline=false`` goes online. With ``WANDB_MODE=disabled``
-(or W&B not installed) a ``CSVLogger`` writing to the same folder replaces it.
+(or W&B not installed) a ``CSVLogger`` writing to the same folder replaces it; so does a W&B run that
+fails to start (logging never kills a run; a warning says why).
+
+Interrupted fits (SIGTERM, Ctrl-C) write ``checkpoints/interrupted.ckpt`` (full training state);
+``lightning-mlmc fit --config ... --ckpt_path <root>/checkpoints/interrupted.ckpt`` finishes the run.
 """
 
 from __future__ import annotations
@@ -22,12 +26,15 @@ import warnings
 import zipfile
 
 import pytorch_lightning as pl
+from pytorch_lightning.callbacks import OnExceptionCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.module import ScoreModule
 
 WANDB_LOGGER = "pytorch_lightning.loggers.WandbLogger"
+INTERRUPTED = "interrupted"  # <root>/checkpoints/interrupted.ckpt: written when a fit is stopped
 
 
 def _logger_entries(logger):
@@ -49,6 +56,13 @@ class MLMCLightningCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data", "model.operator", compute_fn=lambda dm: dm.operator_config(),
                               apply_on="instantiate")
+
+    def before_fit(self) -> None:
+        root = self.trainer.default_root_dir
+        # SIGTERM (or Ctrl-C) mid-epoch: Lightning stops after the current batch and calls on_exception;
+        # this writes the full training state, so `--ckpt_path <root>/checkpoints/interrupted.ckpt` resumes.
+        self.trainer.callbacks.append(OnExceptionCheckpoint(os.path.join(root, "checkpoints"), INTERRUPTED))
+        self.trainer.loggers = [_working_logger(lg, root) for lg in self.trainer.loggers]
 
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
@@ -85,6 +99,32 @@ class MLMCLightningCLI(LightningCLI):
             trainer["logger"] = entries[0]
 
 
+def _working_logger(logger, root: str):
+    """Logging never kills a run: a W&B logger whose run cannot start (unwritable WANDB_DIR, a broken
+    install, a failed service) is replaced by a CSVLogger in the run folder, with a warning."""
+    if not isinstance(logger, pl.loggers.WandbLogger):
+        return logger
+    try:
+        for folder in {logger.save_dir, os.environ.get("WANDB_DIR")} - {None, ""}:
+            _check_writable(folder)
+        logger.experiment  # noqa: B018 - starts the (offline) W&B run now rather than mid-training
+        return logger
+    except Exception as e:  # noqa: BLE001 - any W&B failure; the metrics go to CSV instead
+        message = " ".join(str(e).split())[:200]
+        warnings.warn(f"W&B logging failed ({type(e).__name__}: {message}); logging to CSV in {root} instead",
+                      stacklevel=2)
+        return pl.loggers.CSVLogger(save_dir=root, name="csv")
+
+
+def _check_writable(folder: str) -> None:
+    """Raise OSError unless ``folder`` exists (or can be made) and takes a file."""
+    import tempfile
+
+    os.makedirs(folder, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=folder):
+        pass
+
+
 def check_ckpt_path(path) -> None:
     """A ``--ckpt_path`` must be a readable checkpoint file (Lightning's aliases last/best/hpc pass)."""
     if path in (None, "last", "best", "hpc", "registry"):
@@ -112,6 +152,10 @@ def run_lightning_cli(argv: list[str]) -> int:
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False},
         )
+    except SIGTERMException:
+        print("lightning-mlmc: stopped by SIGTERM; the training state is in checkpoints/"
+              f"{INTERRUPTED}.ckpt under the run folder (resume with --ckpt_path)", file=sys.stderr)
+        return 143
     except Exception as e:  # noqa: BLE001 - jsonargparse wraps errors raised while instantiating
         cause = _input_error_in_chain(e)
         if cause is not None:

@@ -17,6 +17,7 @@ from lightning_mlmc.gaussian_oracle import GaussianOracle
 from lightning_mlmc.mlmc import CoupledLevelSampler, level_stats, mlmc, mlmc_test
 
 N = 6000
+GRIDS = [TimeGrid(), TimeGrid("polynomial", rho=2.0), TimeGrid("logsnr"), TimeGrid("edm")]
 
 
 def _sampler(spec, **kw):
@@ -28,16 +29,17 @@ def _se_of_var(var_hat, kurt, n):
     return var_hat * math.sqrt(max(kurt - 1.0, 2.0) / n)
 
 
-@pytest.mark.parametrize("coupling", ["weighted", "naive"])
-@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
-def test_levels_match_exact_oracle(coupling, sampler):
-    """Per-pixel E[P_l - P_(l-1)] and V_l agree with the exact joint-chain oracle within 5 SE."""
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.kind)
+@pytest.mark.parametrize("sampler, coupling", [("ddpm", "weighted"), ("ddpm", "naive"), ("ddim", "naive")])
+def test_levels_match_exact_oracle(coupling, sampler, grid):
+    """Per-pixel E[P_l - P_(l-1)] and V_l agree with the exact joint-chain oracle within 5 SE, on every grid
+    (the deterministic sampler couples through x_T alone, so its coupling option changes nothing)."""
     spec = gaussian3d()
     oracle = GaussianOracle(spec)
-    samp = _sampler(spec, coupling=coupling, sampler=sampler, seed=3)
+    samp = _sampler(spec, coupling=coupling, sampler=sampler, seed=3, grid=grid)
     for level in (1, 3, 5):
         s = samp(level, N)
-        mean, var, _ = oracle.level_moments(level, coupling=coupling, sampler=sampler)
+        mean, var, _ = oracle.level_moments(level, coupling=coupling, sampler=sampler, grid=grid)
         y1 = s.sums["y1"] / N
         var_hat = s.sums["y2"] / N - y1**2
         assert torch.all((y1 - mean).abs() <= 5 * (var / N).sqrt() + 1e-12)
@@ -86,34 +88,43 @@ def test_batched_calls_and_cost():
     assert samp(1, 10).calls == 10 * 3 and samp.cost(1) == 3
 
 
-@pytest.fixture(scope="module")
-def twenty_runs():
-    """20 independent adaptive runs at eps = 0.05 on the bimodal problem (uniform grid, Lmin = 3)."""
-    spec = bimodal2d()
+def _twenty_adaptive_runs(spec, grid, eps, lmin):
     exact = exact_posterior(spec).second_moment
-    eps = 0.05
     errs, bounds = [], []
     for seed in range(20):
+        samp = _sampler(spec, seed=100 + seed, grid=grid, lmin=0 if lmin == "auto" else lmin)
         try:
-            r = mlmc(_sampler(spec, seed=100 + seed, lmin=3), eps, lmin=3, lmax=12, n0=100)
+            r = mlmc(samp, eps, lmin=lmin, lmax=12, n0=100, cost_fn=samp.cost)
         except WeakConvergenceFailure as e:  # still an estimate; counted as is
             r = e.result
         errs.append(float((torch.tensor(r.estimate) - exact).pow(2).mean()))
         bounds.append(r.rmse_bound)
-    return eps, math.sqrt(np.mean(errs)), float(np.mean(bounds))
+    return math.sqrt(np.mean(errs)), float(np.mean(bounds))
 
 
-def test_adaptive_rmse_over_20_runs(twenty_runs):
-    """Empirical RMSE against the exact posterior second moment <= 1.2 eps."""
-    eps, rmse, _ = twenty_runs
+def test_adaptive_rmse_over_20_runs():
+    """The seed's scheme (uniform grid, Lmin = 3) on the bimodal problem: empirical RMSE against the exact
+    posterior second moment <= 1.2 eps. (Its rmse_bound under-covers here: the level differences are
+    heavy-tailed, kurtosis >> 10, so 20 runs see variance spikes no run's estimate saw; README, limits.)"""
+    rmse, _ = _twenty_adaptive_runs(bimodal2d(), TimeGrid(), 0.05, 3)
+    assert rmse <= 1.2 * 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.kind)
+def test_every_grid_keeps_the_rmse_guarantee_and_the_bound_covers(grid):
+    """20 adaptive runs (automatic Lmin) on the Gaussian inpainting problem, for every grid family: the
+    empirical RMSE against the exact second moment is <= 1.2 eps and the mean reported rmse_bound covers it."""
+    eps = 0.05
+    rmse, mean_bound = _twenty_adaptive_runs(gaussian_inpaint(), grid, eps, "auto")
     assert rmse <= 1.2 * eps
-
-
-@pytest.mark.xfail(strict=True, reason="known: on the uniform grid the bias estimate from noisy fine levels "
-                   "under-covers (measured RMSE 0.060 vs mean rmse_bound below it); issue 8 (grids, Lmin)")
-def test_rmse_bound_covers_empirical_rmse(twenty_runs):
-    _, rmse, mean_bound = twenty_runs
     assert rmse <= mean_bound
+
+
+@pytest.mark.slow
+def test_logsnr_grid_keeps_the_rmse_guarantee_on_the_bimodal_problem():
+    rmse, _ = _twenty_adaptive_runs(bimodal2d(), TimeGrid("logsnr"), 0.05, "auto")
+    assert rmse <= 1.2 * 0.05
 
 
 def test_same_seed_bit_identical_and_resume(tmp_path):
@@ -209,6 +220,18 @@ def test_cli_mlmc_json_and_plots(tmp_path):
     assert sorted(os.listdir(tmp_path / "plots")) == ["cost.png", "mean.png", "samples.png", "variance.png"]
 
 
+def test_cli_mlmc_auto_lmin_and_grid(tmp_path):
+    out = tmp_path / "r.json"
+    p = _cli("mlmc", "--problem", SPEC, "--eps", "0.05", "--lmin", "auto", "--grid", "logsnr", "--lmax", "12",
+             "--coupling", "weighted", "--out", str(out))
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert r["levels"][0]["level"] == r["lmin"] and r["nfe"] >= r["pilot_nfe"] >= 0
+    p = _cli("mlmc-test", "--problem", SPEC, "--levels", "4", "--samples", "10", "--lmin", "auto",
+             "--out", str(tmp_path / "t.json"))
+    assert p.returncode == 2 and "lmin" in p.stderr and "Traceback" not in p.stderr
+
+
 def test_cli_mlmc_test(tmp_path):
     out = tmp_path / "t.json"
     p = _cli("mlmc-test", "--problem", SPEC, "--levels", "5", "--samples", "500", "--lmin", "2",
@@ -220,7 +243,8 @@ def test_cli_mlmc_test(tmp_path):
 
 @pytest.mark.parametrize("args, needle", [
     (["--eps", "0"], "eps"), (["--eps", "-1"], "eps"), (["--eps", "0.1", "--M", "1"], "M"),
-    (["--eps", "0.1", "--lmin", "5", "--lmax", "3"], "lmin"),
+    (["--eps", "0.1", "--lmin", "5", "--lmax", "3"], "lmin"), (["--eps", "0.1", "--lmin", "soon"], "lmin"),
+    (["--eps", "0.1", "--coupling", "best"], "coupling"), (["--eps", "0.1", "--grid", "log"], "grid"),
 ])
 def test_cli_mlmc_bad_input(tmp_path, args, needle):
     out = tmp_path / "r.json"
@@ -265,3 +289,88 @@ def test_two_processes_consistent_with_one(tmp_path):
     diff = np.sqrt(np.mean((np.array(two["estimate"]) - np.array(one.estimate)) ** 2))
     assert diff <= 5 * math.hypot(two["rmse_bound"], one.rmse_bound)
     assert two["estimate"] != one.estimate  # different seed streams per rank
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 8: coupling default, automatic Lmin, every grid.
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.kind)
+@pytest.mark.parametrize("problem", [gaussian3d, gaussian_inpaint])
+def test_naive_coupling_is_the_better_default(problem, grid):
+    """The default coupling (naive) has the smaller exact V_l at the fine levels on every grid."""
+    oracle = GaussianOracle(problem())
+    for level in (6, 8):
+        vw = float(oracle.level_moments(level, coupling="weighted", grid=grid)[1].mean())
+        vn = float(oracle.level_moments(level, coupling="naive", grid=grid)[1].mean())
+        assert vn < vw
+    assert _sampler(problem()).coupling == "naive"
+
+
+def _exact_lmin_costs(spec, grid, top):
+    """sqrt(V[P_c] C_c) + sum_(l > c) sqrt(V_l C_l) from the exact oracle, for every candidate c < top."""
+    oracle = GaussianOracle(spec)
+    vf = {l: float(oracle.level_moments(l, grid=grid, coupling="naive", single=True)[1].mean())
+          for l in range(top + 1)}
+    vd = {l: float(oracle.level_moments(l, grid=grid, coupling="naive")[1].mean()) for l in range(1, top + 1)}
+    return {c: math.sqrt(vf[c] * 2**c) + sum(math.sqrt(vd[l] * 3 * 2 ** (l - 1)) for l in range(c + 1, top + 1))
+            for c in range(top) if vd[c + 1] < vf[c + 1]}
+
+
+@pytest.mark.parametrize("grid", [TimeGrid(), TimeGrid("logsnr")], ids=lambda g: g.kind)
+def test_auto_lmin_matches_the_exact_choice(grid):
+    """The pilot's Lmin predicts a cost within 10% of the best candidate under the exact oracle."""
+    from lightning_mlmc.mlmc import choose_lmin
+
+    spec = gaussian_inpaint()
+    samp = _sampler(spec, grid=grid, seed=5)
+    choice = choose_lmin(samp, 2000, 10)
+    assert samp.lmin == choice.lmin and choice.lmin in choice.predicted
+    exact = _exact_lmin_costs(spec, grid, choice.top)
+    assert exact[choice.lmin] <= 1.1 * min(exact.values())
+
+
+def test_auto_lmin_driver_counts_the_pilot_and_resumes(tmp_path):
+    spec = gaussian_inpaint()
+    calls = {"rows": 0}
+
+    class Counting(ExactPosteriorEps):
+        def forward(self, x, y, t):
+            calls["rows"] += x.shape[0]
+            return super().forward(x, y, t)
+
+    samp = CoupledLevelSampler(Counting(spec), torch.as_tensor(spec.y)[None], spec.shape, grid=TimeGrid("logsnr"),
+                               seed=2)
+    r = mlmc(samp, 0.05, lmin="auto", lmax=12, n0=50, cost_fn=samp.cost)
+    assert r.lmin == samp.lmin and r.levels[0]["level"] == r.lmin
+    assert r.nfe_counted == calls["rows"]  # pilot levels at or below Lmin included
+    assert r.nfe == pytest.approx(sum(lv["n_samples"] * lv["cost"] for lv in r.levels) + r.pilot_nfe)
+    if r.lmin > 0:
+        assert r.pilot_nfe > 0
+
+    # Interrupted after the pilot and a few batches, resumed from --state: the same estimate.
+    state = tmp_path / "state.json"
+    inner = CoupledLevelSampler(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], spec.shape,
+                                grid=TimeGrid("logsnr"), seed=2)
+    ref = mlmc(inner, 0.05, lmin="auto", lmax=12, n0=50, cost_fn=inner.cost, batch_size=30)
+    n = {"k": 0}
+
+    class Flaky(CoupledLevelSampler):
+        def __call__(self, *a):
+            n["k"] += 1
+            if n["k"] == 12:
+                raise KeyboardInterrupt
+            return super().__call__(*a)
+
+    flaky = Flaky(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], spec.shape, grid=TimeGrid("logsnr"), seed=2)
+    with pytest.raises(KeyboardInterrupt):
+        mlmc(flaky, 0.05, lmin="auto", lmax=12, n0=50, cost_fn=flaky.cost, batch_size=30, state_path=str(state))
+    fresh = CoupledLevelSampler(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], spec.shape,
+                                grid=TimeGrid("logsnr"), seed=2)
+    again = mlmc(fresh, 0.05, lmin="auto", lmax=12, n0=50, cost_fn=fresh.cost, batch_size=30, state_path=str(state))
+    assert again.estimate == ref.estimate and again.lmin == ref.lmin and again.nfe == ref.nfe
+
+
+def test_driver_rejects_a_sampler_with_another_lmin():
+    spec = gaussian3d()
+    with pytest.raises(InputError, match="lmin"):
+        mlmc(_sampler(spec, lmin=0), 0.1, lmin=2)

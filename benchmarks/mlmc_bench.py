@@ -1,0 +1,160 @@
+"""Shared engine of benchmarks/mlmc_vs_mc.py and benchmarks/mlmc_grids.py.
+
+A *target* is a score model, an observation and an exact (analytic) or reference (trained model) value of
+E[f(X) | y]. ``run_mlmc`` runs the adaptive driver with a wall-clock timer around every network call;
+``run_mc`` runs plain Monte Carlo on the finest grid MLMC chose (L), with N = V[P_L] / ((1 - theta) eps^2)
+samples, the same matched-eps rule as the driver's ``nfe_mc``. Both report measured NFEs (network rows
+actually evaluated) and the error against the truth, so savings are measured, not predicted.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from lightning_mlmc import ExactPosteriorEps, TimeGrid, WeakConvergenceFailure, exact_posterior
+from lightning_mlmc.mlmc import CoupledLevelSampler, make_payoff, mlmc
+from lightning_mlmc.sampling import NoiseSource, sample
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+class TimedModel:
+    """Wraps an eps-predictor and accumulates the wall time spent inside it."""
+
+    def __init__(self, model):
+        self.model, self.seconds, self.rows = model, 0.0, 0
+
+    def __call__(self, x, y, t):
+        tic = time.perf_counter()
+        out = self.model(x, y, t)
+        self.seconds += time.perf_counter() - tic
+        self.rows += x.shape[0]
+        return out
+
+
+@dataclass
+class Target:
+    name: str
+    model: object
+    y: torch.Tensor
+    shape: tuple
+    dtype: torch.dtype
+    truth: torch.Tensor | None = None  # exact E[f(X)|y] (analytic) or a reference run (trained)
+    truth_note: str = ""
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One MLMC configuration: grid, coupling, Lmin (int or 'auto'), M and sampler."""
+
+    grid: str = "uniform"
+    coupling: str = "naive"
+    lmin: int | str = "auto"
+    M: int = 2
+    rho: float = 7.0
+    sampler: str = "ddpm"
+
+    @property
+    def label(self) -> str:
+        g = f"{self.grid}(rho={self.rho:g})" if self.grid in ("polynomial", "edm") else self.grid
+        return f"{g}/{self.coupling}/lmin={self.lmin}/M={self.M}/{self.sampler}"
+
+    def time_grid(self) -> TimeGrid:
+        return TimeGrid(self.grid, rho=self.rho)
+
+
+def analytic_target(spec, name: str) -> Target:
+    return Target(name, ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], tuple(spec.shape), torch.float64,
+                  torch.as_tensor(exact_posterior(spec).second_moment, dtype=torch.float64),
+                  "exact posterior second moment")
+
+
+def trained_target(checkpoint: str, observation: str, name: str) -> Target:
+    from lightning_mlmc.cli import load_observation
+    from lightning_mlmc.module import load_score_model
+
+    model = load_score_model(checkpoint)
+    y = load_observation(observation, model.operator)
+    return Target(name, model, y, tuple(model.operator.shape), torch.float32)
+
+
+def make_sampler(target: Target, scheme: Scheme, seed: int, model=None) -> CoupledLevelSampler:
+    return CoupledLevelSampler(model or target.model, target.y, target.shape, M=scheme.M,
+                               lmin=0 if scheme.lmin == "auto" else scheme.lmin, sampler=scheme.sampler,
+                               coupling=scheme.coupling, grid=scheme.time_grid(), seed=seed, dtype=target.dtype)
+
+
+def rmse_to_truth(estimate, truth) -> float:
+    return float((torch.as_tensor(estimate, dtype=torch.float64) - truth).pow(2).mean().sqrt())
+
+
+def run_mlmc(target: Target, scheme: Scheme, eps: float, seed: int, *, n0: int = 100, lmax: int = 11,
+             batch_size: int = 2000) -> dict:
+    timed = TimedModel(target.model)
+    s = make_sampler(target, scheme, seed, timed)
+    tic = time.perf_counter()
+    try:
+        r, converged = mlmc(s, eps, M=scheme.M, lmin=scheme.lmin, lmax=lmax, n0=n0, cost_fn=s.cost,
+                            batch_size=batch_size), True
+    except WeakConvergenceFailure as e:
+        r, converged = e.result, False
+    wall = time.perf_counter() - tic
+    out = {"scheme": scheme.label, "eps": eps, "seed": seed, "converged": converged, "lmin": r.lmin,
+           "L": r.levels[-1]["level"], "N_l": [lv["n_samples"] for lv in r.levels],
+           "V_l": [lv["var"] for lv in r.levels], "mean_l": [lv["mean"] for lv in r.levels],
+           "var_fine": [lv["var_fine"] for lv in r.levels], "alpha": r.alpha, "beta": r.beta, "gamma": r.gamma,
+           "nfe": r.nfe, "nfe_counted": r.nfe_counted, "pilot_nfe": r.pilot_nfe, "nfe_mc_predicted": r.nfe_mc,
+           "savings_predicted": r.savings, "rmse_bound": r.rmse_bound, "wall_seconds": wall,
+           "network_seconds": timed.seconds, "network_fraction": timed.seconds / wall, "estimate": r.estimate}
+    if target.truth is not None:
+        out["error"] = rmse_to_truth(r.estimate, target.truth)
+    return out
+
+
+def run_mc(target: Target, scheme: Scheme, eps: float, L: int, var_pl: float, seed: int, *,
+           theta: float = 0.25, batch_size: int = 2000) -> dict:
+    """Plain MC at matched eps on the finest grid (M^L steps): N = V[P_L] / ((1 - theta) eps^2)."""
+    steps = scheme.M**L
+    n = max(2, math.ceil(var_pl / ((1 - theta) * eps**2)))
+    payoff = make_payoff("second_moment")
+    timed = TimedModel(target.model)
+    total = torch.zeros(int(np.prod(target.shape)), dtype=torch.float64)
+    tic, done, b = time.perf_counter(), 0, 0
+    while done < n:
+        nb = min(batch_size, n - done)
+        noise = NoiseSource(seed, (nb, *target.shape), stream=(10_000 + b,), dtype=target.dtype)
+        x = sample(timed, target.y, noise, steps=steps, sampler=scheme.sampler, grid=scheme.time_grid()).samples
+        total += payoff(x.reshape(nb, -1)).double().sum(0).cpu()
+        done, b = done + nb, b + 1
+    est = total / n
+    out = {"scheme": scheme.label, "eps": eps, "seed": seed, "steps": steps, "n_samples": n, "nfe": timed.rows,
+           "wall_seconds": time.perf_counter() - tic, "estimate": est.tolist()}
+    if target.truth is not None:
+        out["error"] = rmse_to_truth(est, target.truth)
+    return out
+
+
+def summarise(runs: list[dict], key: str = "error") -> dict:
+    """Mean NFE, measured RMSE over the runs (sqrt of the mean squared error) and its spread."""
+    errs = [r[key] for r in runs if key in r]
+    out = {"runs": len(runs), "nfe_mean": float(np.mean([r["nfe"] for r in runs]))}
+    if errs:
+        out["rmse_measured"] = float(math.sqrt(np.mean(np.square(errs))))
+    return out
+
+
+def slim(run: dict) -> dict:
+    return {k: v for k, v in run.items() if k != "estimate"}
+
+
+def log(*args):
+    print(*args, flush=True)
+    sys.stdout.flush()
