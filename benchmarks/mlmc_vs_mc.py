@@ -69,7 +69,7 @@ def main(argv=None) -> int:
     ap.add_argument("--M", type=int, default=2)
     ap.add_argument("--checkpoint", default=os.path.join(ROOT, "runs", "digits_superres", "export"))
     ap.add_argument("--observation", default=os.path.join(ROOT, "runs", "digits_superres", "observation_0.npz"))
-    ap.add_argument("--reference-eps", type=float, default=0.0025)
+    ap.add_argument("--reference-eps", type=float, default=0.003)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "mlmc_vs_mc.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
