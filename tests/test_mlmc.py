@@ -115,7 +115,7 @@ def test_adaptive_rmse_over_20_runs():
 def test_every_grid_keeps_the_rmse_guarantee_and_the_bound_covers(grid):
     """20 adaptive runs (automatic Lmin) on the Gaussian inpainting problem, for every grid family: the
     empirical RMSE against the exact second moment is <= 1.2 eps and the mean reported rmse_bound covers it."""
-    eps = 0.05
+    eps = 0.1
     rmse, mean_bound = _twenty_adaptive_runs(gaussian_inpaint(), grid, eps, "auto")
     assert rmse <= 1.2 * eps
     assert rmse <= mean_bound
@@ -123,8 +123,8 @@ def test_every_grid_keeps_the_rmse_guarantee_and_the_bound_covers(grid):
 
 @pytest.mark.slow
 def test_logsnr_grid_keeps_the_rmse_guarantee_on_the_bimodal_problem():
-    rmse, _ = _twenty_adaptive_runs(bimodal2d(), TimeGrid("logsnr"), 0.05, "auto")
-    assert rmse <= 1.2 * 0.05
+    rmse, _ = _twenty_adaptive_runs(bimodal2d(), TimeGrid("logsnr"), 0.1, "auto")
+    assert rmse <= 1.2 * 0.1
 
 
 def test_same_seed_bit_identical_and_resume(tmp_path):
