@@ -578,8 +578,9 @@ def mlmc(
                 ns = [math.ceil(math.sqrt(v / c) * total / ((1 - theta) * eps**2)) for v, c in zip(var, cost)]
                 # Giles (2015) gives the new level only its extrapolated optimal N_L, which can be 1 or 2
                 # samples: its V_L and mean then come from nothing and the bias test and rmse_bound go
-                # wrong. A floor of n0 / 4 keeps them estimated (Giles 2008 gave every new level N0).
-                ns[-1] = max(ns[-1], max(2, n0 // 4))
+                # wrong. A floor of 10 samples keeps them estimated (Giles 2008 gave every new level N0,
+                # which at the finest levels costs more than the whole optimal estimate).
+                ns[-1] = max(ns[-1], min(n0, 10))
                 dn = {l: max(0, n - st.sums[l].n) for l, n in zip(range(lmin, st.L + 1), ns)}
             else:
                 break
