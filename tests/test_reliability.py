@@ -334,3 +334,55 @@ def test_sigterm_mid_epoch_then_resume_finishes_the_run(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         load_score_module(str(tmp_path / "checkpoints" / "last.ckpt"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Public constructors and functions: InputError naming the field.
+
+
+def _picard(**kw):
+    from lightning_mlmc.picard import picard_sample
+
+    spec = bimodal2d()
+    return picard_sample(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], NoiseSource(0, (2, 2)), steps=8, **kw)
+
+
+def _coupled(**kw):
+    spec = bimodal2d()
+    return CoupledLevelSampler(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], spec.shape, **kw)
+
+
+def _callback(name, **kw):
+    import callbacks
+
+    return getattr(callbacks, name)(**kw)
+
+
+CONSTRUCTORS = [
+    ("picard window", lambda: _picard(window=0), "window"),
+    ("picard tol", lambda: _picard(window=4, tol=0.0), "tol"),
+    ("picard sampler", lambda: _picard(window=4, sampler="heun"), "sampler"),
+    ("level sampler M", lambda: _coupled(M=1), "M"),
+    ("level sampler coupling", lambda: _coupled(coupling="antithetic"), "coupling"),
+    ("level sampler payoff", lambda: _coupled(payoff="cube"), "payoff"),
+    ("mlmc eps", lambda: mlmc(_coupled(), float("nan")), "eps"),
+    ("mlmc lmin", lambda: mlmc(_coupled(lmin=3), 0.1, lmin=3, lmax=2), "lmin"),
+    ("mlmc theta", lambda: mlmc(_coupled(), 0.1, theta=1.0), "theta"),
+    ("grid kind", lambda: __import__("lightning_mlmc").TimeGrid("cosine"), "grid"),
+    ("noise seed", lambda: NoiseSource(-1, (2, 2)), "seed"),
+    ("digits operator", lambda: __import__("datamodules").DigitsDataModule(operator={"name": "blur"}), "operator"),
+    ("mlmc callback eps", lambda: _callback("MLMCCallback", eps=0), "eps"),
+    ("mlmc callback coupling", lambda: _callback("MLMCCallback", coupling="best"), "coupling"),
+    ("mlmc callback lmin", lambda: _callback("MLMCCallback", lmin="soon"), "lmin"),
+    ("picard callback window", lambda: _callback("PicardCallback", window=0), "window"),
+    ("picard callback tol", lambda: _callback("PicardCallback", tol=-1.0), "tol"),
+]
+
+
+@pytest.mark.parametrize("name, build, field", CONSTRUCTORS, ids=[c[0] for c in CONSTRUCTORS])
+def test_public_constructors_name_the_bad_field(name, build, field):
+    with pytest.raises(InputError) as err:
+        build()
+    message = str(err.value)
+    assert field in message.split(":")[0] or message.startswith(field), message
+    assert "\n" not in message
