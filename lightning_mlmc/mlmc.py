@@ -667,13 +667,7 @@ def mlmc_test(sampler: CoupledLevelSampler, levels: int, samples: int, eps_list=
     tic = time.perf_counter()
     rows, prev = [], None
     for l in range(sampler.lmin, levels + 1):
-        s = LevelSums.zeros(sampler.pixels)
-        done, b = 0, 0
-        while done < samples:
-            nb = min(batch_size, samples - done)
-            share, rank = _share(nb)
-            s.add(_all_reduce(sampler(l, share, b, rank) if share > 0 else LevelSums.zeros(sampler.pixels)))
-            done, b = done + nb, b + 1
+        s, _ = _sample_level(sampler, l, samples, batch_size, 0, sampler.pixels)
         st = level_stats(l, s, sampler.cost(l))
         n = s.n
         y1, f1, c1 = s.sums["y1"] / n, s.sums["f1"] / n, s.sums["c1"] / n
