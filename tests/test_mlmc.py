@@ -104,10 +104,11 @@ def _twenty_adaptive_runs(spec, grid, eps, lmin):
 
 def test_adaptive_rmse_over_20_runs():
     """The seed's scheme (uniform grid, Lmin = 3) on the bimodal problem: empirical RMSE against the exact
-    posterior second moment <= 1.2 eps. (Its rmse_bound under-covers here: the level differences are
-    heavy-tailed, kurtosis >> 10, so 20 runs see variance spikes no run's estimate saw; README, limits.)"""
-    rmse, _ = _twenty_adaptive_runs(bimodal2d(), TimeGrid(), 0.05, 3)
+    posterior second moment <= 1.2 eps, and the mean rmse_bound covers it (measured 0.042 and 0.051; the
+    level differences are heavy-tailed here, kurtosis >> 10, which the bound's variance term accounts for)."""
+    rmse, mean_bound = _twenty_adaptive_runs(bimodal2d(), TimeGrid(), 0.05, 3)
     assert rmse <= 1.2 * 0.05
+    assert rmse <= mean_bound
 
 
 @pytest.mark.slow
