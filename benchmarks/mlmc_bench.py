@@ -9,9 +9,9 @@ actually evaluated) and the error against the truth, so savings are measured, no
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -157,4 +157,11 @@ def slim(run: dict) -> dict:
 
 def log(*args):
     print(*args, flush=True)
-    sys.stdout.flush()
+
+
+def write_result(path: str, data: dict) -> None:
+    """Write a benchmark result (JSON) and say so; rewritten whole each time, so partial runs stay readable."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    log(f"wrote {path}")

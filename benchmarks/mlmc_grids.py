@@ -22,30 +22,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402
-from mlmc_bench import ROOT, Scheme, log, run_mc, run_mlmc, slim, trained_target  # noqa: E402
+from mlmc_bench import ROOT, Scheme, log, run_mc, run_mlmc, slim, trained_target, write_result  # noqa: E402
 
 from lightning_mlmc.gaussian_oracle import GaussianOracle  # noqa: E402
-from lightning_mlmc.problems import AnalyticSpec  # noqa: E402
+from lightning_mlmc.problems import gaussian_inpaint_spec  # noqa: E402
 
 GRIDS = [("uniform", 7.0), ("polynomial", 2.0), ("logsnr", 7.0), ("edm", 7.0)]
 
 
-def gaussian_inpaint_spec(h: int = 4, w: int = 4) -> AnalyticSpec:
-    """A smooth Gaussian prior on an h x w image, every other pixel observed with noise 0.1."""
-    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    pts = np.stack([yy.ravel(), xx.ravel()], 1).astype(float)
-    cov = 0.5 * np.exp(-((pts[:, None] - pts[None]) ** 2).sum(-1) / 2.0) + 0.05 * np.eye(h * w)
-    obs = np.arange(0, h * w, 2)
-    a = np.zeros((len(obs), h * w))
-    a[np.arange(len(obs)), obs] = 1.0
-    mean = np.linspace(-0.5, 0.5, h * w)
-    return AnalyticSpec.from_dict({"prior": {"weights": [1.0], "means": [mean.tolist()], "covs": [cov.tolist()]},
-                                   "operator": {"matrix": a.tolist()}, "noise_std": 0.1,
-                                   "y": (a @ (mean + 0.3) + 0.05).tolist(), "shape": [1, h, w]})
-
-
 def oracle_rows(levels=range(1, 11)) -> list[dict]:
-    oracle = GaussianOracle(gaussian_inpaint_spec())
+    oracle = GaussianOracle(gaussian_inpaint_spec(4, 4))
     rows = []
     for grid, rho in GRIDS:
         scheme = Scheme(grid=grid, rho=rho)
@@ -106,9 +92,7 @@ def main(argv=None) -> int:
     for scheme in schemes:
         out["digits"] += digits_rows(target, [scheme], args.eps, args.n0)
         out["complete"] = scheme == schemes[-1]
-        with open(args.out, "w") as f:
-            json.dump(out, f, indent=1)
-        log(f"wrote {args.out} ({len(out['digits'])} rows)")
+        write_result(args.out, out)
     return 0
 
 

@@ -24,7 +24,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402
-from mlmc_bench import ROOT, Scheme, analytic_target, log, run_mc, run_mlmc, slim, summarise, trained_target  # noqa: E402
+from mlmc_bench import (ROOT, Scheme, analytic_target, log, run_mc, run_mlmc, slim, summarise,  # noqa: E402
+                        trained_target, write_result)
 
 from lightning_mlmc.problems import AnalyticSpec  # noqa: E402
 
@@ -89,10 +90,7 @@ def main(argv=None) -> int:
         out["digits_reference"] = ref  # with its estimate: mlmc_grids.py measures against it
         log("reference:", json.dumps({k: ref[k] for k in ("L", "lmin", "nfe", "rmse_bound", "wall_seconds")}))
         out["rows"] += compare(target, scheme, args.eps, args.repeats, args.n0)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
-    log(f"wrote {args.out}")
+    write_result(args.out, out)
     return 0
 
 

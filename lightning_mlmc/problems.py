@@ -294,3 +294,17 @@ class ExactPosteriorEps(torch.nn.Module):
         t64 = torch.as_tensor(t, dtype=torch.float64, device=x_t.device).reshape(-1)
         sigma = self.schedule.sigma(t64).reshape((-1,) + (1,) * (x_t.dim() - 1))
         return (-sigma * self.score(x_t, y, t).to(torch.float64)).to(x_t.dtype)
+
+
+def gaussian_inpaint_spec(h: int = 3, w: int = 3) -> AnalyticSpec:
+    """A single-Gaussian h x w image with a smooth prior; every other pixel observed with noise 0.1."""
+    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    pts = np.stack([yy.ravel(), xx.ravel()], 1).astype(float)
+    cov = 0.5 * np.exp(-((pts[:, None] - pts[None]) ** 2).sum(-1) / 2.0) + 0.05 * np.eye(h * w)
+    obs = np.arange(0, h * w, 2)
+    a = np.zeros((len(obs), h * w))
+    a[np.arange(len(obs)), obs] = 1.0
+    mean = np.linspace(-0.5, 0.5, h * w)
+    return AnalyticSpec.from_dict({"prior": {"weights": [1.0], "means": [mean.tolist()], "covs": [cov.tolist()]},
+                                   "operator": {"matrix": a.tolist()}, "noise_std": 0.1,
+                                   "y": (a @ (mean + 0.3) + 0.05).tolist(), "shape": [1, h, w]})

@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from lightning_mlmc.problems import AnalyticSpec
+from lightning_mlmc.problems import AnalyticSpec, gaussian_inpaint_spec
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -30,15 +30,4 @@ def gaussian3d() -> AnalyticSpec:
 
 def gaussian_inpaint(h: int = 3, w: int = 3) -> AnalyticSpec:
     """A single-Gaussian h x w image with a smooth prior; every other pixel observed."""
-    yy, xx = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    pts = np.stack([yy.ravel(), xx.ravel()], 1).astype(float)
-    cov = 0.5 * np.exp(-((pts[:, None] - pts[None]) ** 2).sum(-1) / 2.0) + 0.05 * np.eye(h * w)
-    obs = np.arange(0, h * w, 2)
-    a = np.zeros((len(obs), h * w))
-    a[np.arange(len(obs)), obs] = 1.0
-    mean = np.linspace(-0.5, 0.5, h * w)
-    y = a @ (mean + 0.3) + 0.05
-    return AnalyticSpec.from_dict({
-        "prior": {"weights": [1.0], "means": [mean.tolist()], "covs": [cov.tolist()]},
-        "operator": {"matrix": a.tolist()}, "noise_std": 0.1, "y": y.tolist(), "shape": [1, h, w],
-    })
+    return gaussian_inpaint_spec(h, w)
