@@ -538,21 +538,46 @@ def mlmc(
         for i in range(1, len(coupled)):
             ml[i] = max(ml[i], 0.5 * ml[i - 1] / M**a_tmp)
             vl[i] = max(vl[i], 0.5 * vl[i - 1] / M**b_tmp)
-        alpha = alpha0 if alpha0 is not None else _fit_rate(lv, ml, M)
+        # alpha from the levels past the largest |mean_l|: the coarse levels before it are pre-asymptotic
+        # (mean_l grows there on the uniform grid) and would flatten the fitted weak rate.
+        peak = int(np.argmax(ml)) if ml else 0
+        alpha = alpha0 if alpha0 is not None else _fit_rate(lv[peak:], ml[peak:], M)
         beta = beta0 if beta0 is not None else _fit_rate(lv, vl, M)
         gamma = gamma0 if gamma0 is not None else _fit_growth(lv, [s.cost for s in coupled], M)
         return ml, vl, alpha, beta, gamma
 
-    def bias_estimate(ml, alpha, ls):
+    def bias_estimate(ml, alpha, ls, n_se=2.0):
         # Giles' estimate max_r mean_(L-r) / M^(r alpha) / (M^alpha - 1), with each |E[Y_l]| replaced by
         # its upper confidence bound mean_l + 2 SE: a noisy small mean at a level with few samples must
         # not end the refinement early (it did on the bimodal problem, where Y_l is heavy-tailed).
         # The extrapolation also caps alpha at 1, the samplers' weak order: a steeper slope fitted from a
         # few noisy levels would promise a bias that the scheme cannot deliver.
         coupled = [s for s in ls if s.level > lmin]
-        up = [m + 2.0 * math.sqrt(s.var / max(s.n_samples, 1)) for m, s in zip(ml, coupled)]
+        up = [m + n_se * math.sqrt(s.var / max(s.n_samples, 1)) for m, s in zip(ml, coupled)]
         a = min(alpha, 1.0)
         return max(up[-1 - r] / M ** (r * a) for r in range(min(3, len(up)))) / (M**a - 1)
+
+    def top_up(ml, alpha, ls):
+        """Samples that make a statistically inconclusive bias test conclusive, or None when it fails.
+
+        Each of the finest levels in the test must have mean_l + 2 SE within its share of the bias
+        budget, room_l = sqrt(theta) eps (M^a - 1) M^(r a). A level with mean_l - 2 SE > room_l fails the
+        test outright (a finer level is needed: None); one with mean_l - 2 SE <= room_l < mean_l + 2 SE
+        is undecided, and more samples decide it: N >= 4 V_l / (room_l - mean_l)^2 where mean_l < room_l,
+        at least twice and at most four times its current count per round."""
+        a = min(alpha, 1.0)
+        coupled = [s for s in ls if s.level > lmin]
+        need = {}
+        for r in range(min(3, len(coupled))):
+            s, m = coupled[-1 - r], ml[-1 - r]
+            room = math.sqrt(theta) * eps * (M**a - 1) * M ** (r * a)
+            se = math.sqrt(s.var / s.n_samples)
+            if m - 2.0 * se > room:
+                return None
+            if m + 2.0 * se > room:
+                wanted = 4 * s.var / (room - m) ** 2 if m < room else math.inf
+                need[s.level] = int(min(max(wanted, 2 * s.n_samples), 4 * s.n_samples)) - s.n_samples
+        return need
 
     converged = True
     while True:
@@ -567,21 +592,28 @@ def mlmc(
         if all(dn[l] <= 0.01 * st.sums[l].n for l in dn):
             rem = bias_estimate(ml, alpha, ls)
             if rem > math.sqrt(theta) * eps:
-                if st.L == lmax:
+                # An inconclusive test is settled with samples at the finest levels when that is cheaper
+                # than a new level, or Lmax is reached; a failing one needs a new level.
+                more = top_up(ml, alpha, ls)
+                new_level_cost = min(n0, 10) * cost_fn(st.L + 1) if st.L < lmax else math.inf
+                if more and sum(n * cost_fn(l) for l, n in more.items()) <= new_level_cost:
+                    dn.update(more)
+                elif st.L == lmax:
                     converged = False
                     break
-                st.L += 1
-                st.ensure(st.L)
-                var.append(var[-1] / M**beta)
-                cost.append(cost_fn(st.L))
-                total = sum(math.sqrt(v * c) for v, c in zip(var, cost))
-                ns = [math.ceil(math.sqrt(v / c) * total / ((1 - theta) * eps**2)) for v, c in zip(var, cost)]
-                # Giles (2015) gives the new level only its extrapolated optimal N_L, which can be 1 or 2
-                # samples: its V_L and mean then come from nothing and the bias test and rmse_bound go
-                # wrong. A floor of 10 samples keeps them estimated (Giles 2008 gave every new level N0,
-                # which at the finest levels costs more than the whole optimal estimate).
-                ns[-1] = max(ns[-1], min(n0, 10))
-                dn = {l: max(0, n - st.sums[l].n) for l, n in zip(range(lmin, st.L + 1), ns)}
+                else:
+                    st.L += 1
+                    st.ensure(st.L)
+                    var.append(var[-1] / M**beta)
+                    cost.append(cost_fn(st.L))
+                    total = sum(math.sqrt(v * c) for v, c in zip(var, cost))
+                    ns = [math.ceil(math.sqrt(v / c) * total / ((1 - theta) * eps**2)) for v, c in zip(var, cost)]
+                    # Giles (2015) gives the new level only its extrapolated optimal N_L, which can be 1 or
+                    # 2 samples: its V_L and mean then come from nothing and the bias test and rmse_bound go
+                    # wrong. A floor of 10 samples keeps them estimated (Giles 2008 gave every new level
+                    # N0, which at the finest levels costs more than the whole optimal estimate).
+                    ns[-1] = max(ns[-1], min(n0, 10))
+                    dn = {l: max(0, n - st.sums[l].n) for l, n in zip(range(lmin, st.L + 1), ns)}
             else:
                 break
         if sum(dn.values()) == 0:
