@@ -3,11 +3,16 @@ on the analytic oracle.
 
 - Analytic (exact, no sampling): the Gaussian oracle's V_l and |E[P_l - P_(l-1)]| for every grid family
   and both couplings on a single-Gaussian inpainting problem.
-- Trained digits super-resolution model: for every scheme and eps, one adaptive MLMC run and plain MC at
-  matched eps on the grid MLMC chose; measured NFEs, savings and the error against the reference run of
-  benchmarks/mlmc_vs_mc.py (results/mlmc_vs_mc.json, ``digits_reference``), fitted alpha/beta, V_l.
+- A trained digits model (super-resolution or inpainting): for every scheme and eps, one adaptive MLMC run
+  and plain MC at matched eps on the grid MLMC chose; measured NFEs, savings and the error against a long
+  reference run, fitted alpha/beta, V_l. The super-resolution reference is the one of
+  benchmarks/mlmc_vs_mc.py (results/mlmc_vs_mc.json, ``digits_reference``, eps 0.003); for inpainting this
+  script runs its own (--reference-eps) and keeps it in its result file for later runs.
 
-    .venv/bin/python benchmarks/mlmc_grids.py      # after mlmc_vs_mc.py; writes results/mlmc_grids.json
+    .venv/bin/python benchmarks/mlmc_grids.py --model superres   # after mlmc_vs_mc.py and `make demo`
+    .venv/bin/python benchmarks/prepare_model.py --config configs/digits_inpaint.yaml --run-dir runs/digits_inpaint
+    .venv/bin/python benchmarks/mlmc_grids.py --model inpaint
+  Each writes results/mlmc_grids_<model>.json, rewritten after every scheme.
 """
 
 from __future__ import annotations
@@ -66,32 +71,64 @@ def digits_rows(target, schemes, eps_list, n0: int) -> list[dict]:
     return rows
 
 
+# The recommended scheme and its variants first (coupling, fixed Lmin, M = 4), then the other warps, then the
+# uniform grid (the most expensive: it needs the most levels) and the seed's scheme (uniform, weighted, fixed
+# Lmin 3). The file is rewritten after every scheme, so a cut-short run keeps its rows.
+SCHEMES = {
+    "logsnr/naive/auto": Scheme("logsnr", "naive"), "logsnr/weighted/auto": Scheme("logsnr", "weighted"),
+    "logsnr/naive/3": Scheme("logsnr", "naive", lmin=3), "logsnr/naive/auto/M4": Scheme("logsnr", "naive", M=4),
+    "edm/naive/auto": Scheme("edm", "naive"), "polynomial/naive/auto": Scheme("polynomial", "naive", rho=2.0),
+    "uniform/naive/auto": Scheme("uniform", "naive"), "uniform/weighted/3": Scheme("uniform", "weighted", lmin=3),
+}
+MODELS = {"superres": "digits super-resolution (trained UNet)", "inpaint": "digits inpainting (trained UNet)"}
+REFERENCE_SCHEME = Scheme("logsnr", "naive")
+
+
+def reference(args, target, previous: dict | None) -> dict:
+    """The long MLMC run the errors are measured against: mlmc_vs_mc.json's for super-resolution, else this
+    script's own (reused from the previous result file when it was made for the same checkpoint and eps)."""
+    if args.model == "superres":
+        with open(args.reference) as f:
+            return json.load(f)["digits_reference"]
+    old = (previous or {}).get("reference")
+    if old and old.get("checkpoint") == args.checkpoint and old["eps"] == args.reference_eps:
+        log("reusing the reference run of", args.out)
+        return old
+    ref = run_mlmc(target, REFERENCE_SCHEME, args.reference_eps, seed=10_000, n0=args.n0, lmax=12)
+    ref["checkpoint"] = args.checkpoint
+    log("reference:", json.dumps({k: ref[k] for k in ("L", "lmin", "nfe", "rmse_bound", "wall_seconds")}))
+    return ref
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=sorted(MODELS), default="superres")
+    ap.add_argument("--schemes", nargs="+", choices=list(SCHEMES), default=list(SCHEMES))
     ap.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.02, 0.01])
     ap.add_argument("--n0", type=int, default=100)
-    ap.add_argument("--checkpoint", default=os.path.join(ROOT, "runs", "digits_superres", "export"))
-    ap.add_argument("--observation", default=os.path.join(ROOT, "runs", "digits_superres", "observation_0.npz"))
-    ap.add_argument("--reference", default=os.path.join(ROOT, "benchmarks", "results", "mlmc_vs_mc.json"))
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "mlmc_grids.json"))
+    ap.add_argument("--checkpoint", help="default: runs/digits_<model>/export")
+    ap.add_argument("--observation", help="default: runs/digits_<model>/observation_0.npz")
+    ap.add_argument("--reference", default=os.path.join(ROOT, "benchmarks", "results", "mlmc_vs_mc.json"),
+                    help="super-resolution: the result file holding the reference run")
+    ap.add_argument("--reference-eps", type=float, default=0.004, help="inpainting: eps of the reference run")
+    ap.add_argument("--out", help="default: benchmarks/results/mlmc_grids_<model>.json")
     args = ap.parse_args(argv)
+    run_dir = os.path.join(ROOT, "runs", f"digits_{args.model}")
+    args.checkpoint = args.checkpoint or os.path.join(run_dir, "export")
+    args.observation = args.observation or os.path.join(run_dir, "observation_0.npz")
+    args.out = args.out or os.path.join(ROOT, "benchmarks", "results", f"mlmc_grids_{args.model}.json")
     torch.set_num_threads(os.cpu_count() or 1)
-    out = {"machine": machine_info(), "oracle_problem": "4x4 Gaussian inpainting (every other pixel, noise 0.1)",
-           "oracle": oracle_rows()}
-    with open(args.reference) as f:
-        ref = json.load(f)["digits_reference"]
-    target = trained_target(args.checkpoint, args.observation, "digits super-resolution (trained UNet)")
-    target.truth = torch.as_tensor(ref["estimate"], dtype=torch.float64)
-    # The recommended scheme and its variants first (coupling, fixed Lmin, M = 4), then the other warps, then
-    # the uniform grid (the most expensive: it needs the most levels) and the seed's scheme (uniform,
-    # weighted, fixed Lmin 3). The file is rewritten after every row, so a cut-short run keeps its rows.
-    schemes = [Scheme("logsnr", "naive"), Scheme("logsnr", "weighted"), Scheme("logsnr", "naive", lmin=3),
-               Scheme("logsnr", "naive", M=4), Scheme("edm", "naive"), Scheme("polynomial", "naive", rho=2.0),
-               Scheme("uniform", "naive"), Scheme("uniform", "weighted", lmin=3)]
-    out["digits"] = []
-    for scheme in schemes:
-        out["digits"] += digits_rows(target, [scheme], args.eps, args.n0)
-        out["complete"] = scheme == schemes[-1]
+    previous = json.load(open(args.out)) if os.path.exists(args.out) else None
+    out = {"machine": machine_info(), "model": MODELS[args.model], "observation": os.path.relpath(args.observation, ROOT),
+           "oracle_problem": "4x4 Gaussian inpainting (every other pixel, noise 0.1)", "oracle": oracle_rows()}
+    target = trained_target(args.checkpoint, args.observation, MODELS[args.model])
+    out["reference"] = reference(args, target, previous)
+    target.truth = torch.as_tensor(out["reference"]["estimate"], dtype=torch.float64)
+    out["schemes_requested"], out["digits"], out["complete"] = args.schemes, [], False
+    write_result(args.out, out)
+    for name in args.schemes:
+        out["digits"] += digits_rows(target, [SCHEMES[name]], args.eps, args.n0)
+        out["complete"] = name == args.schemes[-1]
         write_result(args.out, out)
     return 0
 

@@ -1,4 +1,4 @@
-"""Print the README's MLMC tables (markdown) from results/mlmc_vs_mc.json and results/mlmc_grids.json."""
+"""Print the README's MLMC tables (markdown) from results/mlmc_vs_mc.json and results/mlmc_grids_<model>.json."""
 
 from __future__ import annotations
 
@@ -33,22 +33,30 @@ def vs_mc_table(data) -> str:
 
 
 def grids_table(data) -> str:
-    out = [f"Machine: {_machine(data['machine'])}.", "",
+    ref = data["reference"]
+    out = [f"{data['model']}, {data['observation']}; machine: {_machine(data['machine'])}. Errors against a "
+           f"reference MLMC run at eps {ref['eps']} (rmse_bound {ref['rmse_bound']:.4f}, {ref['nfe']:,.0f} NFEs)."
+           + ("" if data.get("complete") else " **Incomplete run.**"), "",
            "| scheme (grid/coupling/Lmin/M) | eps | Lmin..L | alpha | beta | MLMC NFE | MC NFE | savings (measured) "
            "| MLMC error | MC error |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in data["digits"]:
         out.append(f"| {r['scheme'].removesuffix('/ddpm')} | {r['eps']} | {r['lmin']}..{r['L']} | {r['alpha']:.2f} "
                    f"| {r['beta']:.2f} | {r['mlmc_nfe']:,.0f} | {r['mc_nfe']:,.0f} | **{r['savings_measured']:.2f}x** "
                    f"| {r['mlmc_error']:.4f} | {r['mc_error']:.4f} |")
-    out += ["", "Exact oracle (4x4 Gaussian inpainting), slopes over levels 7..10:", "",
-            "| grid | coupling | alpha | beta | V_10 |", "|---|---|---|---|---|"]
+    return "\n".join(out)
+
+
+def oracle_table(data) -> str:
+    out = ["Exact oracle (4x4 Gaussian inpainting), slopes over levels 7..10:", "",
+           "| grid | coupling | alpha | beta | V_10 |", "|---|---|---|---|---|"]
     for r in data["oracle"]:
         out.append(f"| {r['grid']} | {r['coupling']} | {r['alpha_fine']:.2f} | {r['beta_fine']:.2f} | {r['V_l'][-1]:.2e} |")
     return "\n".join(out)
 
 
 if __name__ == "__main__":
-    for name, fn in (("mlmc_vs_mc.json", vs_mc_table), ("mlmc_grids.json", grids_table)):
+    for name, fn in (("mlmc_vs_mc.json", vs_mc_table), ("mlmc_grids_superres.json", grids_table),
+                     ("mlmc_grids_inpaint.json", grids_table), ("mlmc_grids_superres.json", oracle_table)):
         data = _load(name)
         if data is not None:
             print(f"### {name}\n\n{fn(data)}\n")

@@ -1,0 +1,55 @@
+"""Train (or reuse) a digits model for the MLMC benchmarks and write its inputs.
+
+    .venv/bin/python benchmarks/prepare_model.py --config configs/digits_inpaint.yaml --run-dir runs/digits_inpaint
+
+Trains the config with LightningCLI (W&B offline) unless RUN_DIR/checkpoints/last.ckpt exists, exports the
+EMA model as a diffusers folder (RUN_DIR/export) and writes the first four validation observations as
+RUN_DIR/observation_<i>.npz (y and the clean x), the inputs of `lightning-mlmc mlmc --checkpoint ...
+--observation ...` and of benchmarks/mlmc_grids.py. `make demo` does the same for configs/digits_superres.yaml.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import numpy as np
+import yaml
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+from datamodules import DigitsDataModule  # noqa: E402
+
+from lightning_mlmc.cli import main as cli_main  # noqa: E402
+from lightning_mlmc.module import load_score_module  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--run-dir", required=True)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    ckpt = os.path.join(args.run_dir, "checkpoints", "last.ckpt")
+    if not os.path.isfile(ckpt):
+        rc = cli_main(["fit", "--config", args.config, "--trainer.default_root_dir", args.run_dir])
+        if rc != 0:
+            return rc
+    module = load_score_module(ckpt)
+    module.export(os.path.join(args.run_dir, "export"))
+    with open(args.config) as f:
+        data = yaml.safe_load(f)["data"]
+    if not data["class_path"].endswith("DigitsDataModule"):
+        raise SystemExit(f"prepare_model: {args.config} is not a digits config")
+    dm = DigitsDataModule(**data["init_args"])
+    x, y = dm.validation_observations(4)
+    for i in range(4):
+        np.savez(os.path.join(args.run_dir, f"observation_{i}.npz"), y=y[i].numpy(), x=x[i].numpy())
+    print(f"model: {os.path.join(args.run_dir, 'export')}; observations: {args.run_dir}/observation_0..3.npz")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
