@@ -53,7 +53,7 @@ class Target:
 
 @dataclass(frozen=True)
 class Scheme:
-    """One MLMC configuration: grid, coupling, Lmin (int or 'auto'), M and sampler."""
+    """One MLMC configuration: grid, coupling, Lmin (int or 'auto'), M, sampler (and the jacobian's data_std)."""
 
     grid: str = "uniform"
     coupling: str = "naive"
@@ -61,11 +61,13 @@ class Scheme:
     M: int = 2
     rho: float = 7.0
     sampler: str = "ddpm"
+    data_std: float = 0.5  # the jacobian coupling's data scale
 
     @property
     def label(self) -> str:
         g = f"{self.grid}(rho={self.rho:g})" if self.grid in ("polynomial", "edm") else self.grid
-        return f"{g}/{self.coupling}/lmin={self.lmin}/M={self.M}/{self.sampler}"
+        c = f"jacobian({self.data_std:g})" if self.coupling == "jacobian" else self.coupling
+        return f"{g}/{c}/lmin={self.lmin}/M={self.M}/{self.sampler}"
 
     def time_grid(self) -> TimeGrid:
         return TimeGrid(self.grid, rho=self.rho)
@@ -89,7 +91,8 @@ def trained_target(checkpoint: str, observation: str, name: str) -> Target:
 def make_sampler(target: Target, scheme: Scheme, seed: int, model=None) -> CoupledLevelSampler:
     return CoupledLevelSampler(model or target.model, target.y, target.shape, M=scheme.M,
                                lmin=0 if scheme.lmin == "auto" else scheme.lmin, sampler=scheme.sampler,
-                               coupling=scheme.coupling, grid=scheme.time_grid(), seed=seed, dtype=target.dtype)
+                               coupling=scheme.coupling, data_std=scheme.data_std, grid=scheme.time_grid(), seed=seed,
+                               dtype=target.dtype)
 
 
 def rmse_to_truth(estimate, truth) -> float:

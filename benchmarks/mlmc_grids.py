@@ -2,8 +2,9 @@
 on the analytic oracle.
 
 - Analytic (exact, no sampling): the Gaussian oracle's V_l and |E[P_l - P_(l-1)]| for every grid family
-  and both couplings on a single-Gaussian inpainting problem.
-- A trained digits model (super-resolution or inpainting): for every scheme and eps, one adaptive MLMC run
+  and every coupling on a single-Gaussian inpainting problem.
+- A trained digits model (super-resolution or inpainting), or the analytic inpaint4x4 mixture problem with
+  its exact score and exact answer (--model analytic): for every scheme and eps, one adaptive MLMC run
   and plain MC at matched eps on the grid MLMC chose; measured NFEs, savings and the error against a long
   reference run, fitted alpha/beta, V_l. The super-resolution reference is the one of
   benchmarks/mlmc_vs_mc.py (results/mlmc_vs_mc.json, ``digits_reference``, eps 0.003); for inpainting this
@@ -12,6 +13,7 @@ on the analytic oracle.
     .venv/bin/python benchmarks/mlmc_grids.py --model superres   # after mlmc_vs_mc.py and `make demo`
     .venv/bin/python benchmarks/prepare_model.py --config configs/digits_inpaint.yaml --run-dir runs/digits_inpaint
     .venv/bin/python benchmarks/mlmc_grids.py --model inpaint
+    .venv/bin/python benchmarks/mlmc_grids.py --model analytic
   Each writes results/mlmc_grids_<model>.json, rewritten after every scheme.
 """
 
@@ -27,10 +29,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402
-from mlmc_bench import ROOT, Scheme, log, run_mc, run_mlmc, slim, trained_target, write_result  # noqa: E402
+from mlmc_bench import (  # noqa: E402
+    ROOT, Scheme, analytic_target, log, run_mc, run_mlmc, slim, trained_target, write_result)
 
 from lightning_mlmc.gaussian_oracle import GaussianOracle  # noqa: E402
-from lightning_mlmc.problems import gaussian_inpaint_spec  # noqa: E402
+from lightning_mlmc.problems import AnalyticSpec, gaussian_inpaint_spec  # noqa: E402
 
 GRIDS = [("uniform", 7.0), ("polynomial", 2.0), ("logsnr", 7.0), ("edm", 7.0)]
 
@@ -40,7 +43,7 @@ def oracle_rows(levels=range(1, 11)) -> list[dict]:
     rows = []
     for grid, rho in GRIDS:
         scheme = Scheme(grid=grid, rho=rho)
-        for coupling in ("weighted", "naive"):
+        for coupling in ("weighted", "naive", "jacobian"):
             mean, var = [], []
             for level in levels:
                 m, v, _ = oracle.level_moments(level, coupling=coupling, grid=scheme.time_grid())
@@ -54,7 +57,7 @@ def oracle_rows(levels=range(1, 11)) -> list[dict]:
     return rows
 
 
-def digits_rows(target, schemes, eps_list, n0: int) -> list[dict]:
+def scheme_rows(target, schemes, eps_list, n0: int) -> list[dict]:
     rows = []
     for scheme in schemes:
         for eps in eps_list:
@@ -75,13 +78,16 @@ def digits_rows(target, schemes, eps_list, n0: int) -> list[dict]:
 # uniform grid (the most expensive: it needs the most levels) and the seed's scheme (uniform, weighted, fixed
 # Lmin 3). The file is rewritten after every scheme, so a cut-short run keeps its rows.
 SCHEMES = {
+    "logsnr/jacobian/auto": Scheme("logsnr", "jacobian"), "uniform/jacobian/auto": Scheme("uniform", "jacobian"),
     "logsnr/naive/auto": Scheme("logsnr", "naive"), "logsnr/weighted/auto": Scheme("logsnr", "weighted"),
     "logsnr/naive/3": Scheme("logsnr", "naive", lmin=3), "logsnr/naive/auto/M4": Scheme("logsnr", "naive", M=4),
     "edm/naive/auto": Scheme("edm", "naive"), "polynomial/naive/auto": Scheme("polynomial", "naive", rho=2.0),
     "uniform/naive/auto": Scheme("uniform", "naive"), "uniform/weighted/3": Scheme("uniform", "weighted", lmin=3),
 }
-MODELS = {"superres": "digits super-resolution (trained UNet)", "inpaint": "digits inpainting (trained UNet)"}
+MODELS = {"superres": "digits super-resolution (trained UNet)", "inpaint": "digits inpainting (trained UNet)",
+          "analytic": "analytic inpaint4x4 (two-component Gaussian mixture, exact score)"}
 REFERENCE_SCHEME = Scheme("logsnr", "naive")
+ANALYTIC_SPEC = os.path.join(ROOT, "examples", "inpaint4x4.json")
 
 
 def reference(args, target, previous: dict | None) -> dict:
@@ -91,11 +97,12 @@ def reference(args, target, previous: dict | None) -> dict:
         with open(args.reference) as f:
             return json.load(f)["digits_reference"]
     old = (previous or {}).get("reference")
-    if old and old.get("checkpoint") == args.checkpoint and old["eps"] == args.reference_eps:
+    same = old and os.path.realpath(old.get("checkpoint", "")) == os.path.realpath(args.checkpoint)
+    if same and old["eps"] == args.reference_eps:
         log("reusing the reference run of", args.out)
         return old
     ref = run_mlmc(target, REFERENCE_SCHEME, args.reference_eps, seed=10_000, n0=args.n0, lmax=12)
-    ref["checkpoint"] = args.checkpoint
+    ref["checkpoint"] = os.path.realpath(args.checkpoint)
     log("reference:", json.dumps({k: ref[k] for k in ("L", "lmin", "nfe", "rmse_bound", "wall_seconds")}))
     return ref
 
@@ -112,6 +119,8 @@ def main(argv=None) -> int:
                     help="super-resolution: the result file holding the reference run")
     ap.add_argument("--reference-eps", type=float, default=0.004, help="inpainting: eps of the reference run")
     ap.add_argument("--out", help="default: benchmarks/results/mlmc_grids_<model>.json")
+    ap.add_argument("--append", action="store_true",
+                    help="add these schemes' rows to the existing result file (each run keeps its machine record)")
     args = ap.parse_args(argv)
     run_dir = os.path.join(ROOT, "runs", f"digits_{args.model}")
     args.checkpoint = args.checkpoint or os.path.join(run_dir, "export")
@@ -119,16 +128,33 @@ def main(argv=None) -> int:
     args.out = args.out or os.path.join(ROOT, "benchmarks", "results", f"mlmc_grids_{args.model}.json")
     torch.set_num_threads(os.cpu_count() or 1)
     previous = json.load(open(args.out)) if os.path.exists(args.out) else None
-    out = {"machine": machine_info(), "model": MODELS[args.model], "observation": os.path.relpath(args.observation, ROOT),
+    out = {"machine": machine_info(), "model": MODELS[args.model],
            "oracle_problem": "4x4 Gaussian inpainting (every other pixel, noise 0.1)", "oracle": oracle_rows()}
-    target = trained_target(args.checkpoint, args.observation, MODELS[args.model])
-    out["reference"] = reference(args, target, previous)
-    target.truth = torch.as_tensor(out["reference"]["estimate"], dtype=torch.float64)
-    out["schemes_requested"], out["digits"], out["complete"] = args.schemes, [], False
+    if args.model == "analytic":
+        target = analytic_target(AnalyticSpec.load(ANALYTIC_SPEC), MODELS[args.model])
+        out["observation"] = os.path.relpath(ANALYTIC_SPEC, ROOT)
+        out["reference"] = {"exact": "the exact posterior second moment"}
+    else:
+        target = trained_target(args.checkpoint, args.observation, MODELS[args.model])
+        out["observation"] = os.path.relpath(args.observation, ROOT)
+        out["reference"] = reference(args, target, previous)
+        target.truth = torch.as_tensor(out["reference"]["estimate"], dtype=torch.float64)
+    runs = [{"machine": out["machine"], "schemes": args.schemes, "complete": False}]
+    rows = []
+    if args.append and previous:
+        # Rows of earlier runs stay, each run with the machine and commit that measured it.
+        runs = previous.get("runs") or [{"machine": previous["machine"], "schemes": previous["schemes_requested"],
+                                         "complete": previous["complete"]}]
+        runs.append({"machine": out["machine"], "schemes": args.schemes, "complete": False})
+        rows = previous.get("rows") or previous["digits"]
+        out["machine"] = previous["machine"]
+    out.update(runs=runs, rows=rows, complete=False)
     write_result(args.out, out)
     for name in args.schemes:
-        out["digits"] += digits_rows(target, [SCHEMES[name]], args.eps, args.n0)
-        out["complete"] = name == args.schemes[-1]
+        for row in scheme_rows(target, [SCHEMES[name]], args.eps, args.n0):
+            rows.append({**row, "commit": runs[-1]["machine"]["commit"]})
+        runs[-1]["complete"] = name == args.schemes[-1]
+        out["complete"] = all(r["complete"] for r in runs)
         write_result(args.out, out)
     return 0
 

@@ -34,12 +34,15 @@ def vs_mc_table(data) -> str:
 
 def grids_table(data) -> str:
     ref = data["reference"]
-    out = [f"{data['model']}, {data['observation']}; machine: {_machine(data['machine'])}. Errors against a "
-           f"reference MLMC run at eps {ref['eps']} (rmse_bound {ref['rmse_bound']:.4f}, {ref['nfe']:,.0f} NFEs)."
-           + ("" if data.get("complete") else " **Incomplete run.**"), "",
+    against = (f"{ref['exact']}" if "exact" in ref else f"a reference MLMC run at eps {ref['eps']} (rmse_bound "
+               f"{ref['rmse_bound']:.4f}, {ref['nfe']:,.0f} NFEs)")
+    runs = data.get("runs") or [{"machine": data["machine"]}]
+    machines = "; ".join(_machine(r["machine"]) for r in runs)
+    out = [f"{data['model']}, {data['observation']}; machine{'s' if len(runs) > 1 else ''}: {machines}. Errors "
+           f"against {against}." + ("" if data.get("complete") else " **Incomplete run.**"), "",
            "| scheme (grid/coupling/Lmin/M) | eps | Lmin..L | alpha | beta | MLMC NFE | MC NFE | savings (measured) "
            "| MLMC error | MC error |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in data["digits"]:
+    for r in data.get("rows") or data["digits"]:  # "digits" in files written at commit 6501a5c
         out.append(f"| {r['scheme'].removesuffix('/ddpm')} | {r['eps']} | {r['lmin']}..{r['L']} | {r['alpha']:.2f} "
                    f"| {r['beta']:.2f} | {r['mlmc_nfe']:,.0f} | {r['mc_nfe']:,.0f} | **{r['savings_measured']:.2f}x** "
                    f"| {r['mlmc_error']:.4f} | {r['mc_error']:.4f} |")
@@ -56,7 +59,8 @@ def oracle_table(data) -> str:
 
 if __name__ == "__main__":
     for name, fn in (("mlmc_vs_mc.json", vs_mc_table), ("mlmc_grids_superres.json", grids_table),
-                     ("mlmc_grids_inpaint.json", grids_table), ("mlmc_grids_superres.json", oracle_table)):
+                     ("mlmc_grids_inpaint.json", grids_table), ("mlmc_grids_analytic.json", grids_table),
+                     ("mlmc_grids_superres.json", oracle_table)):
         data = _load(name)
         if data is not None:
             print(f"### {name}\n\n{fn(data)}\n")

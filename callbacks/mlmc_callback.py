@@ -10,6 +10,7 @@ import pytorch_lightning as pl
 import torch
 
 from callbacks import uq_logging
+from lightning_mlmc.diffusion import COUPLINGS
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 from lightning_mlmc.figures import uq_map, zscore_histogram
 from lightning_mlmc.mlmc import CoupledLevelSampler, make_payoff, mlmc, mlmc_test
@@ -40,7 +41,8 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             ``lmin: auto`` picks Lmin from a coupled pilot run (not with ``rates: mlmc_test``).
         sampler: ``ddpm`` or ``ddim``.
         grid, coupling: the time-grid family (``uniform``, ``polynomial``, ``logsnr``, ``edm``; ``rho`` for
-            the warps) and the coarse-noise coupling (``naive`` or ``weighted``), as on the CLI.
+            the warps) and the coarse-noise coupling (``naive``, ``weighted`` or ``jacobian`` with its
+            ``data_std``), as on the CLI.
         seed: base seed.
         batch_size: samples per batched call.
         rates: ``adaptive`` fits alpha, beta, gamma from the adaptive run's levels; ``mlmc_test`` fits them
@@ -56,7 +58,7 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
     def __init__(self, eps: float = 0.1, observations: int = 2, every_n_epochs: int = 1, M: int = 2,
                  lmin: int | Literal["auto"] = 2, lmax: int = 6, n0: int = 32,
                  sampler: Literal["ddpm", "ddim"] = "ddpm", grid: str = "uniform", rho: float | None = None,
-                 coupling: Literal["naive", "weighted"] = "naive", seed: int = 0, batch_size: int = 512, clip: float | None = 2.0,
+                 coupling: Literal["naive", "weighted", "jacobian"] = "naive", data_std: float = 0.5, seed: int = 0, batch_size: int = 512, clip: float | None = 2.0,
                  rates: Literal["adaptive", "mlmc_test"] = "adaptive", rate_samples: int = 200):
         if not eps > 0:
             raise InputError(f"eps: expected a positive number, got {eps}")
@@ -71,10 +73,12 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
                 raise InputError("lmin: 'auto' needs lmax >= 1 and rates: adaptive")
         elif not (isinstance(lmin, int) and 0 <= lmin <= lmax):
             raise InputError(f"lmin/lmax: expected 0 <= lmin <= lmax or lmin 'auto', got {lmin} and {lmax}")
-        if coupling not in ("naive", "weighted"):
-            raise InputError(f"coupling: expected naive or weighted, got {coupling!r}")
+        if coupling not in COUPLINGS:
+            raise InputError(f"coupling: expected one of {', '.join(COUPLINGS)}, got {coupling!r}")
+        if not data_std > 0:
+            raise InputError(f"data_std: expected a positive number, got {data_std}")
         self.grid = TimeGrid(grid, rho=rho if rho is not None else (2.0 if grid == "polynomial" else 7.0))
-        self.coupling = coupling
+        self.coupling, self.data_std = coupling, float(data_std)
         if n0 < 2:
             raise InputError(f"n0: expected >= 2 pilot samples, got {n0}")
         if sampler not in ("ddpm", "ddim"):
@@ -110,7 +114,7 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
     def _estimate(self, pl_module, y, i):
         shape = tuple(pl_module.operator.shape)
         sampler = CoupledLevelSampler(pl_module.model, y, shape, M=self.M, lmin=0 if self.lmin == "auto" else self.lmin,
-                                      sampler=self.sampler, grid=self.grid, coupling=self.coupling, payoff=make_payoff("moments", self.clip), seed=self.seed + i, dtype=torch.float32,
+                                      sampler=self.sampler, grid=self.grid, coupling=self.coupling, data_std=self.data_std, payoff=make_payoff("moments", self.clip), seed=self.seed + i, dtype=torch.float32,
                                       device=pl_module.device)
         if self.rates == "mlmc_test":
             self.last_tests.append(mlmc_test(sampler, self.lmax, self.rate_samples, batch_size=self.batch_size))

@@ -14,6 +14,8 @@ At s = 0 both are Tweedie's formula x0_hat = (x_t - sigma_t eps_hat) / m_t.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,7 @@ class StepCoefficients:
             tolerance scale; 0 on the final Tweedie step).
         kappa: (m_t/m_s)(1-g_s)/(1-g_t), the x_t-coefficient of the DDPM posterior mean with x0 held
             fixed; it weights the fine noises in MLMC's coarse-noise construction.
+        mean_t, sigma_t: m(t_k) and sigma(t_k), the marginal's scale and noise level at the step start.
     """
 
     t: Tensor
@@ -67,6 +70,8 @@ class StepCoefficients:
     noise: Tensor
     ddpm_std: Tensor
     kappa: Tensor
+    mean_t: Tensor
+    sigma_t: Tensor
     stochastic: bool
 
     def __len__(self) -> int:
@@ -100,6 +105,8 @@ def step_coefficients(times: Tensor, stochastic: bool, schedule: VPSchedule | No
         noise=c_noise,
         ddpm_std=ddpm_std,
         kappa=kappa,
+        mean_t=torch.exp(lm_t),
+        sigma_t=sig_t,
         stochastic=stochastic,
     )
 
@@ -118,23 +125,40 @@ def _bcast(c: Tensor, x: Tensor) -> Tensor:
     return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
-def coarse_noise_weights(fine, j: int, M: int, coupling: str) -> Tensor:
-    """Weights w (shape (M,)) with xi_coarse = sum_i w_i xi_fine_i for coarse step j.
+COUPLINGS = ("naive", "weighted", "jacobian")
 
-    ``weighted``: w_i proportional to c_i prod_{r > i} kappa_r (the DDPM posterior mean's x_t-coefficients
-    with x0 held fixed), normalised so that sum w_i^2 = 1; with these weights the coarse noise term
-    c_coarse xi_coarse has exactly the variance the fine noises contribute, which telescopes to the
-    coarse step's own. ``naive``: w_i = 1/sqrt(M).
+
+def coarse_noise_weights(fine, j: int, M: int, coupling: str, data_std: float = 0.5) -> Tensor:
+    """Weights w (shape (M,), sum w_i^2 = 1) with xi_coarse = sum_i w_i xi_fine_i for coarse step j.
+
+    Fine noise i enters the fine path at sub-step i and is carried to the end of the coarse step by the
+    later sub-steps; the coupling that correlates the coarse noise best with what the fine path
+    accumulated weights it by c_i times the later sub-steps' Jacobians d x_(r+1) / d x_r.
+
+    - ``weighted`` (the seed's): Jacobians kappa_r, the DDPM posterior mean's x_t-coefficient with x0_hat
+      held fixed; then the coarse noise term c_coarse xi_coarse has exactly the variance the fine noises
+      contribute, which telescopes to the coarse step's own.
+    - ``jacobian``: the full step's Jacobian a_r + c_eps,r d eps_hat / d x when the data are Gaussian with
+      per-pixel standard deviation ``data_std`` (eps_hat = sigma_t x / (m_t^2 data_std^2 + sigma_t^2));
+      data_std -> 0 gives ``weighted``, and a large data_std nearly equal weights.
+    - ``naive``: w_i = 1/sqrt(M).
     """
     if coupling == "naive":
         return torch.full((M,), M**-0.5, dtype=torch.float64)
-    if coupling != "weighted":
-        raise InputError(f"coupling: expected weighted or naive, got {coupling!r}")
+    if coupling not in COUPLINGS:
+        raise InputError(f"coupling: expected one of {', '.join(COUPLINGS)}, got {coupling!r}")
     idx = slice(j * M, (j + 1) * M)
-    c, kappa = fine.noise[idx], fine.kappa[idx]
+    c = fine.noise[idx]
+    if coupling == "weighted":
+        jac = fine.kappa[idx]
+    else:
+        if not (math.isfinite(data_std) and data_std >= 0):
+            raise InputError(f"data_std: expected a finite number >= 0, got {data_std}")
+        m, sig = fine.mean_t[idx], fine.sigma_t[idx]
+        jac = 1.0 + fine.a_minus_1[idx] + fine.eps[idx] * sig / (m**2 * data_std**2 + sig**2)
     later = torch.ones(M, dtype=torch.float64)
     for i in range(M - 2, -1, -1):
-        later[i] = later[i + 1] * kappa[i + 1]
+        later[i] = later[i + 1] * jac[i + 1]
     w = c * later
     norm = torch.sqrt((w**2).sum())
     if norm == 0:

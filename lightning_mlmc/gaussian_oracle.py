@@ -4,7 +4,7 @@ With a Gaussian posterior N(mu, C), the exact eps-prediction is affine in x:
 eps(x, t) = sigma Sigma_t^{-1} (x - m mu), Sigma_t = m^2 C + sigma^2 I. One step of either sampler is
 then x' = F x + g + c xi, and the mean and covariance of x after n steps follow from a linear
 recursion. For MLMC the joint (fine, coarse) chain of a coupled level is again linear in (x_T, xi_j),
-which gives the exact E[P_l - P_{l-1}] and V_l under either coupling, with no sampling.
+which gives the exact E[P_l - P_{l-1}] and V_l under every coupling, with no sampling.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ class GaussianOracle:
         return GaussianLaw(mean, 0.5 * (cov + cov.T))
 
     def level_moments(self, level: int, M: int = 2, sampler: str = "ddpm", coupling: str = "weighted",
-                      payoff: str = "second_moment", grid: TimeGrid | None = None,
+                      payoff: str = "second_moment", grid: TimeGrid | None = None, data_std: float = 0.5,
                       start: StartDistribution | None = None, single: bool = False):
         """Exact per-pixel mean and variance of P_l - P_{l-1} (or of P_l alone when ``single``).
 
@@ -105,7 +105,7 @@ class GaussianOracle:
                 b_list = [f @ b for b in b_list] + [c * self.eye]
                 c_list.append(c)
             fc_, gc_, c_c = self.affine_step(cc, j)
-            w = coarse_noise_weights(cf, j, M, coupling)  # xi_c = sum_i w_i xi_i
+            w = coarse_noise_weights(cf, j, M, coupling, data_std)  # xi_c = sum_i w_i xi_i
             noise_ff = sum(b @ b.T for b in b_list)
             noise_fc = sum(b * (c_c * wi) for b, wi in zip(b_list, w.tolist()))
             new_sff = phi @ sff @ phi.T + noise_ff

@@ -23,13 +23,13 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from lightning_mlmc.diffusion import coarse_noise_weights, drift_increment, step_coefficients
+from lightning_mlmc.diffusion import COUPLINGS, coarse_noise_weights, drift_increment, step_coefficients
 from lightning_mlmc.errors import InputError, NumericalError, WeakConvergenceFailure
 from lightning_mlmc.sampling import Model, NoiseSource, StartDistribution, batch_obs, gaussian_start
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
 Tensor = torch.Tensor
-Coupling = Literal["weighted", "naive"]
+Coupling = Literal["naive", "weighted", "jacobian"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,23 +142,29 @@ class CoupledLevelSampler:
         sampler: ``"ddpm"`` or ``"ddim"`` (the deterministic sampler couples through x_T alone).
         coupling: ``"naive"`` (sum / sqrt(M), the default: 25-35% smaller V_l at fine levels, exactly on the
             Gaussian oracle for every grid and measured on the trained digits model, benchmarks/mlmc_grids.py)
-            or ``"weighted"`` (the seed's variance-coefficient weights).
+            or ``"weighted"`` (the seed's variance-coefficient weights), or ``"jacobian"`` (weights carried by
+            the full step Jacobian for Gaussian data of per-pixel std ``data_std``; see
+            ``coarse_noise_weights``).
+        data_std: the ``jacobian`` coupling's data scale (0.5: images in [-1, 1]).
         payoff: per-pixel payoff (see ``make_payoff``).
         seed: base seed; each (level, batch, rank) has its own stream.
     """
 
     def __init__(self, model: Model, y: Tensor | None, shape, *, M: int = 2, lmin: int = 0,
-                 sampler: str = "ddpm", coupling: Coupling = "naive", payoff="second_moment",
+                 sampler: str = "ddpm", coupling: Coupling = "naive", data_std: float = 0.5, payoff="second_moment",
                  start: StartDistribution | None = None, grid: TimeGrid | None = None,
                  schedule: VPSchedule | None = None, seed: int = 0, dtype=torch.float64, device="cpu"):
         if int(M) != M or M < 2:
             raise InputError(f"M: expected an integer >= 2, got {M}")
         if sampler not in ("ddpm", "ddim"):
             raise InputError(f"sampler: expected ddpm or ddim for MLMC, got {sampler!r}")
-        if coupling not in ("weighted", "naive"):
-            raise InputError(f"coupling: expected weighted or naive, got {coupling!r}")
+        if coupling not in COUPLINGS:
+            raise InputError(f"coupling: expected one of {', '.join(COUPLINGS)}, got {coupling!r}")
+        if not (math.isfinite(data_std) and data_std >= 0):
+            raise InputError(f"data_std: expected a finite number >= 0, got {data_std}")
         self.model, self.y, self.shape = model, y, tuple(shape)
         self.M, self.lmin, self.sampler, self.coupling = int(M), int(lmin), sampler, coupling
+        self.data_std = float(data_std)
         self.payoff = make_payoff(payoff) if not callable(payoff) or isinstance(payoff, str) else payoff
         self.start = start or gaussian_start()
         self.grid, self.schedule = grid or TimeGrid(), schedule or VPSchedule()
@@ -191,7 +197,7 @@ class CoupledLevelSampler:
         calls = 0
         for j in range(n_f // M if coupled else n_f):
             xi_c = None
-            w_c = coarse_noise_weights(cf, j, M, self.coupling).tolist() if coupled else None
+            w_c = coarse_noise_weights(cf, j, M, self.coupling, self.data_std).tolist() if coupled else None
             for i in range(M if coupled else 1):
                 k = j * M + i if coupled else j
                 t = float(cf.t[k])
@@ -592,11 +598,13 @@ def mlmc(
         if all(dn[l] <= 0.01 * st.sums[l].n for l in dn):
             rem = bias_estimate(ml, alpha, ls)
             if rem > math.sqrt(theta) * eps:
-                # An inconclusive test is settled with samples at the finest levels when that is cheaper
-                # than a new level, or Lmax is reached; a failing one needs a new level.
+                # An inconclusive test is settled with samples at the finest levels when that costs less
+                # than a new level (10 samples); at Lmax, while a round costs less than n0 samples of the
+                # level that cannot be added (Giles 2008's price of a level; the rounds at least double
+                # the counts, so they end). A failing test needs a new level.
                 more = top_up(ml, alpha, ls)
-                new_level_cost = min(n0, 10) * cost_fn(st.L + 1) if st.L < lmax else math.inf
-                if more and sum(n * cost_fn(l) for l, n in more.items()) <= new_level_cost:
+                budget = (min(n0, 10) if st.L < lmax else n0) * cost_fn(st.L + 1)
+                if more and sum(n * cost_fn(l) for l, n in more.items()) <= budget:
                     dn.update(more)
                 elif st.L == lmax:
                     converged = False

@@ -20,8 +20,11 @@ def add_commands(sub, add_problem_args, positive_float, positive_int, nonneg_int
         p.add_argument("--payoff", choices=["second_moment", "mean", "moments"], default="second_moment")
         p.add_argument("--clip", type=positive_float("clip"), default=None)
         p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-        p.add_argument("--coupling", choices=["naive", "weighted"], default="naive",
-                       help="coarse noise from the fine noises: naive sum / sqrt(M) (default) or the seed's weights")
+        p.add_argument("--coupling", choices=["naive", "weighted", "jacobian"], default="naive",
+                       help="coarse noise from the fine noises: naive sum / sqrt(M) (default), the seed's weights, "
+                            "or weights carried by the step Jacobian for Gaussian data of std --data-std")
+        p.add_argument("--data-std", type=positive_float("data-std"), default=0.5,
+                       help="data scale of --coupling jacobian (default 0.5, images in [-1, 1])")
         p.add_argument("--batch-size", type=positive_int("batch-size"), default=1000)
         p.add_argument("--plots", help="folder for the convergence plots (PNG)")
         p.add_argument("--out", required=True)
@@ -56,7 +59,8 @@ def _sampler(args):
     model, y, shape, start, dtype = load_target(args)
     lmin = 0 if args.lmin == "auto" else args.lmin  # mlmc() moves it to the pilot's choice
     return CoupledLevelSampler(model, y, shape, M=args.M, lmin=lmin, sampler=args.sampler,
-                               coupling=args.coupling, payoff=make_payoff(args.payoff, args.clip),
+                               coupling=args.coupling, data_std=args.data_std,
+                               payoff=make_payoff(args.payoff, args.clip),
                                start=start, grid=make_grid(args), seed=args.seed, dtype=dtype)
 
 
@@ -80,7 +84,8 @@ def cmd_mlmc(args) -> int:
     source = [os.path.abspath(p) for p in (args.problem, args.checkpoint, args.observation) if p]
     key = fingerprint(problem=source,
                       start=args.start, grid=args.grid, rho=args.rho, seed=args.seed, payoff=args.payoff,
-                      clip=args.clip, sampler=args.sampler, coupling=args.coupling)
+                      clip=args.clip, sampler=args.sampler, coupling=args.coupling,
+                      **({"data_std": args.data_std} if args.coupling == "jacobian" else {}))
     failure = None
     try:
         result = mlmc(sampler, args.eps, M=args.M, lmin=args.lmin, lmax=args.lmax, n0=args.n0, theta=args.theta,
