@@ -6,6 +6,9 @@ import platform
 import subprocess
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def machine_info() -> dict:
     import torch
 
@@ -17,9 +20,11 @@ def machine_info() -> dict:
         pass
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                                cwd=ROOT).stdout.strip()
+        # Uncommitted code makes the stamp "-dirty"; result files the benchmarks themselves rewrite do not.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ROOT,
+                                ":(exclude)benchmarks/results"], capture_output=True,
+                               text=True, cwd=ROOT).stdout.strip()
         commit += "-dirty" if dirty else ""
     except OSError:
         commit = "unknown"
