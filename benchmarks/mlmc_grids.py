@@ -1,5 +1,5 @@
-"""Which time grid, coupling, Lmin and M make MLMC pay: measured on the trained digits model and exactly
-on the analytic oracle.
+"""Which time grid, coupling, Lmin and M make MLMC pay: measured on the trained digits models and the
+analytic mixture problem, and exactly on the Gaussian oracle.
 
 - Analytic (exact, no sampling): the Gaussian oracle's V_l and |E[P_l - P_(l-1)]| for every grid family
   and every coupling on a single-Gaussian inpainting problem.
@@ -14,7 +14,14 @@ on the analytic oracle.
     .venv/bin/python benchmarks/prepare_model.py --config configs/digits_inpaint.yaml --run-dir runs/digits_inpaint
     .venv/bin/python benchmarks/mlmc_grids.py --model inpaint
     .venv/bin/python benchmarks/mlmc_grids.py --model analytic
-  Each writes results/mlmc_grids_<model>.json, rewritten after every scheme.
+  Each writes results/mlmc_grids_<model>.json, rewritten after every scheme (--append adds to it). The
+  committed results ran, in this order of schemes:
+    --model inpaint --schemes logsnr/naive/auto logsnr/jacobian/auto uniform/naive/auto logsnr/weighted/auto
+        edm/naive/auto uniform/weighted/3
+    --model superres --schemes logsnr/naive/auto logsnr/jacobian/auto uniform/naive/auto uniform/weighted/3
+        edm/naive/auto logsnr/naive/3 logsnr/naive/auto/M4 polynomial/naive/auto
+    --model analytic --eps 0.1 0.05 0.02 --schemes logsnr/naive/auto logsnr/jacobian/auto edm/naive/auto
+        uniform/naive/auto, then --append --eps 0.01 --schemes logsnr/naive/auto
 """
 
 from __future__ import annotations
@@ -117,7 +124,7 @@ def main(argv=None) -> int:
     ap.add_argument("--observation", help="default: runs/digits_<model>/observation_0.npz")
     ap.add_argument("--reference", default=os.path.join(ROOT, "benchmarks", "results", "mlmc_vs_mc.json"),
                     help="super-resolution: the result file holding the reference run")
-    ap.add_argument("--reference-eps", type=float, default=0.004, help="inpainting: eps of the reference run")
+    ap.add_argument("--reference-eps", type=float, default=0.002, help="inpainting: eps of the reference run")
     ap.add_argument("--out", help="default: benchmarks/results/mlmc_grids_<model>.json")
     ap.add_argument("--append", action="store_true",
                     help="add these schemes' rows to the existing result file (each run keeps its machine record)")
