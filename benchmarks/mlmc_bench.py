@@ -88,6 +88,17 @@ def trained_target(checkpoint: str, observation: str, name: str) -> Target:
     return Target(name, model, y, tuple(model.operator.shape), torch.float32)
 
 
+# The trained digits models of the benchmarks: `make demo` writes runs/digits_superres, and
+# benchmarks/prepare_model.py runs/digits_inpaint (the exported model and observation_<i>.npz).
+TRAINED_MODELS = {"superres": "digits super-resolution (trained UNet)", "inpaint": "digits inpainting (trained UNet)"}
+
+
+def trained_model_paths(name: str) -> tuple[str, str]:
+    """(exported model folder, observation 0) of a trained benchmark model."""
+    run_dir = os.path.join(ROOT, "runs", f"digits_{name}")
+    return os.path.join(run_dir, "export"), os.path.join(run_dir, "observation_0.npz")
+
+
 def make_sampler(target: Target, scheme: Scheme, seed: int, model=None) -> CoupledLevelSampler:
     return CoupledLevelSampler(model or target.model, target.y, target.shape, M=scheme.M,
                                lmin=0 if scheme.lmin == "auto" else scheme.lmin, sampler=scheme.sampler,

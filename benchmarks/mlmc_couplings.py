@@ -19,13 +19,12 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402
-from mlmc_bench import ROOT, log, trained_target, write_result  # noqa: E402
+from mlmc_bench import ROOT, TRAINED_MODELS, log, trained_model_paths, trained_target, write_result  # noqa: E402
 
 from lightning_mlmc import TimeGrid  # noqa: E402
 from lightning_mlmc.mlmc import CoupledLevelSampler, level_stats  # noqa: E402
 
 COUPLINGS = [("naive", 0.5), ("weighted", 0.5), ("jacobian", 0.5)]
-MODELS = {"superres": "digits super-resolution (trained UNet)", "inpaint": "digits inpainting (trained UNet)"}
 
 
 def probe(target, grid: str, coupling: str, data_std: float, levels, n: int) -> list[dict]:
@@ -41,7 +40,7 @@ def probe(target, grid: str, coupling: str, data_std: float, levels, n: int) -> 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="+", choices=sorted(MODELS), default=sorted(MODELS))
+    ap.add_argument("--models", nargs="+", choices=sorted(TRAINED_MODELS), default=sorted(TRAINED_MODELS))
     ap.add_argument("--grids", nargs="+", default=["logsnr", "uniform"])
     ap.add_argument("--levels", type=int, nargs=2, default=[2, 7], metavar=("FIRST", "LAST"))
     ap.add_argument("--pairs", type=int, default=200)
@@ -51,9 +50,7 @@ def main(argv=None) -> int:
     levels = range(args.levels[0], args.levels[1] + 1)
     out = {"machine": machine_info(), "pairs_per_level": args.pairs, "rows": []}
     for name in args.models:
-        run_dir = os.path.join(ROOT, "runs", f"digits_{name}")
-        target = trained_target(os.path.join(run_dir, "export"), os.path.join(run_dir, "observation_0.npz"),
-                                MODELS[name])
+        target = trained_target(*trained_model_paths(name), TRAINED_MODELS[name])
         for grid in args.grids:
             naive = None
             for coupling, data_std in COUPLINGS:
@@ -61,7 +58,7 @@ def main(argv=None) -> int:
                 naive = naive or rows
                 for r, rn in zip(rows, naive):
                     r["ratio_to_naive"] = r["V_l"] / rn["V_l"]
-                out["rows"].append({"model": MODELS[name], "grid": grid, "coupling": coupling,
+                out["rows"].append({"model": TRAINED_MODELS[name], "grid": grid, "coupling": coupling,
                                     "data_std": data_std if coupling == "jacobian" else None, "levels": rows})
                 log(name, grid, coupling, " ".join(f"{r['V_l']:.2e}({r['ratio_to_naive']:.2f})" for r in rows))
                 write_result(args.out, out)

@@ -37,7 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402
 from mlmc_bench import (  # noqa: E402
-    ROOT, Scheme, analytic_target, log, run_mc, run_mlmc, slim, trained_target, write_result)
+    ROOT, TRAINED_MODELS, Scheme, analytic_target, log, run_mc, run_mlmc, slim, trained_model_paths, trained_target,
+    write_result)
 
 from lightning_mlmc.gaussian_oracle import GaussianOracle  # noqa: E402
 from lightning_mlmc.problems import AnalyticSpec, gaussian_inpaint_spec  # noqa: E402
@@ -91,8 +92,7 @@ SCHEMES = {
     "edm/naive/auto": Scheme("edm", "naive"), "polynomial/naive/auto": Scheme("polynomial", "naive", rho=2.0),
     "uniform/naive/auto": Scheme("uniform", "naive"), "uniform/weighted/3": Scheme("uniform", "weighted", lmin=3),
 }
-MODELS = {"superres": "digits super-resolution (trained UNet)", "inpaint": "digits inpainting (trained UNet)",
-          "analytic": "analytic inpaint4x4 (two-component Gaussian mixture, exact score)"}
+MODELS = {**TRAINED_MODELS, "analytic": "analytic inpaint4x4 (two-component Gaussian mixture, exact score)"}
 REFERENCE_SCHEME = Scheme("logsnr", "naive")
 ANALYTIC_SPEC = os.path.join(ROOT, "examples", "inpaint4x4.json")
 
@@ -129,9 +129,9 @@ def main(argv=None) -> int:
     ap.add_argument("--append", action="store_true",
                     help="add these schemes' rows to the existing result file (each run keeps its machine record)")
     args = ap.parse_args(argv)
-    run_dir = os.path.join(ROOT, "runs", f"digits_{args.model}")
-    args.checkpoint = args.checkpoint or os.path.join(run_dir, "export")
-    args.observation = args.observation or os.path.join(run_dir, "observation_0.npz")
+    if args.model in TRAINED_MODELS:
+        checkpoint, observation = trained_model_paths(args.model)
+        args.checkpoint, args.observation = args.checkpoint or checkpoint, args.observation or observation
     args.out = args.out or os.path.join(ROOT, "benchmarks", "results", f"mlmc_grids_{args.model}.json")
     torch.set_num_threads(os.cpu_count() or 1)
     previous = json.load(open(args.out)) if os.path.exists(args.out) else None
@@ -150,10 +150,8 @@ def main(argv=None) -> int:
     rows = []
     if args.append and previous:
         # Rows of earlier runs stay, each run with the machine and commit that measured it.
-        runs = previous.get("runs") or [{"machine": previous["machine"], "schemes": previous["schemes_requested"],
-                                         "complete": previous["complete"]}]
-        runs.append({"machine": out["machine"], "schemes": args.schemes, "complete": False})
-        rows = previous.get("rows") or previous["digits"]
+        runs = previous["runs"] + runs
+        rows = previous["rows"]
         out["machine"] = previous["machine"]
     out.update(runs=runs, rows=rows, complete=False)
     write_result(args.out, out)

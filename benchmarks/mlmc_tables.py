@@ -40,7 +40,7 @@ def grids_table(data) -> str:
     ref = data["reference"]
     against = (f"{ref['exact']}" if "exact" in ref else f"a reference MLMC run at eps {ref['eps']} (rmse_bound "
                f"{ref['rmse_bound']:.4f}, {ref['nfe']:,.0f} NFEs)")
-    runs = data.get("runs") or [{"machine": data["machine"]}]
+    runs = data["runs"]
     machines = "; ".join(_machine(r["machine"]) for r in runs)
     out = [f"{data['model']}, {data['observation']}; machine{'s' if len(runs) > 1 else ''}: {machines}. Errors "
            f"against {against}." + ("" if data.get("complete") else " **Incomplete run.**"), "",

@@ -172,6 +172,7 @@ class CoupledLevelSampler:
         # Payoff components (n for per-pixel payoffs, 2n for moments), found by applying it once.
         self.pixels = int(_apply_payoff(self.payoff, torch.zeros(1, int(np.prod(self.shape)))).shape[1])
         self._coef: dict[int, object] = {}
+        self._weights: dict[int, list[list[float]]] = {}
 
     def cost(self, level: int) -> float:
         """NFEs per sample: M^l + M^(l-1), or M^l at Lmin."""
@@ -183,6 +184,14 @@ class CoupledLevelSampler:
             self._coef[steps] = step_coefficients(times, self.sampler == "ddpm", self.schedule)
         return self._coef[steps]
 
+    def _coarse_weights(self, steps: int) -> list[list[float]]:
+        """The coarse-noise weights of every coarse step of a fine grid with ``steps`` steps (cached)."""
+        if steps not in self._weights:
+            cf = self._coefficients(steps)
+            self._weights[steps] = [coarse_noise_weights(cf, j, self.M, self.coupling, self.data_std).tolist()
+                                    for j in range(steps // self.M)]
+        return self._weights[steps]
+
     @torch.no_grad()
     def paths(self, level: int, noise: NoiseSource) -> tuple[Tensor, Tensor | None, int]:
         """Coupled fine and coarse samples of one batch: (x_fine, x_coarse or None, network evaluations)."""
@@ -190,6 +199,7 @@ class CoupledLevelSampler:
         cf = self._coefficients(n_f)
         coupled = level > self.lmin
         cc = self._coefficients(n_f // M) if coupled else None
+        weights = self._coarse_weights(n_f) if coupled else None
         x_f = self.start.sample(noise.start())
         x_c = x_f.clone() if coupled else None
         batch = x_f.shape[0]
@@ -197,7 +207,7 @@ class CoupledLevelSampler:
         calls = 0
         for j in range(n_f // M if coupled else n_f):
             xi_c = None
-            w_c = coarse_noise_weights(cf, j, M, self.coupling, self.data_std).tolist() if coupled else None
+            w_c = weights[j] if coupled else None
             for i in range(M if coupled else 1):
                 k = j * M + i if coupled else j
                 t = float(cf.t[k])
@@ -552,14 +562,14 @@ def mlmc(
         gamma = gamma0 if gamma0 is not None else _fit_growth(lv, [s.cost for s in coupled], M)
         return ml, vl, alpha, beta, gamma
 
-    def bias_estimate(ml, alpha, ls, n_se=2.0):
+    def bias_estimate(ml, alpha, ls):
         # Giles' estimate max_r mean_(L-r) / M^(r alpha) / (M^alpha - 1), with each |E[Y_l]| replaced by
         # its upper confidence bound mean_l + 2 SE: a noisy small mean at a level with few samples must
         # not end the refinement early (it did on the bimodal problem, where Y_l is heavy-tailed).
         # The extrapolation also caps alpha at 1, the samplers' weak order: a steeper slope fitted from a
         # few noisy levels would promise a bias that the scheme cannot deliver.
         coupled = [s for s in ls if s.level > lmin]
-        up = [m + n_se * math.sqrt(s.var / max(s.n_samples, 1)) for m, s in zip(ml, coupled)]
+        up = [m + 2.0 * math.sqrt(s.var / max(s.n_samples, 1)) for m, s in zip(ml, coupled)]
         a = min(alpha, 1.0)
         return max(up[-1 - r] / M ** (r * a) for r in range(min(3, len(up)))) / (M**a - 1)
 

@@ -20,6 +20,7 @@ def add_commands(sub, add_problem_args, positive_float, positive_int, nonneg_int
         p.add_argument("--payoff", choices=["second_moment", "mean", "moments"], default="second_moment")
         p.add_argument("--clip", type=positive_float("clip"), default=None)
         p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+        # The choices repeat diffusion.COUPLINGS: importing it here would load torch to parse arguments.
         p.add_argument("--coupling", choices=["naive", "weighted", "jacobian"], default="naive",
                        help="coarse noise from the fine noises: naive sum / sqrt(M) (default), the seed's weights, "
                             "or weights carried by the step Jacobian for Gaussian data of std --data-std")
