@@ -27,7 +27,9 @@ def machine_info() -> dict:
                                text=True, cwd=ROOT).stdout.strip()
         commit += "-dirty" if dirty else ""
     except OSError:
-        commit = "unknown"
+        commit = ""
+    # A copy of the tree without its .git (a rented GPU machine) names its commit in BENCH_COMMIT.
+    commit = commit or os.environ.get("BENCH_COMMIT", "") or "unknown"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),

@@ -253,17 +253,19 @@ class ExactPosteriorEps(torch.nn.Module):
         super().__init__()
         self.spec = spec
         self.schedule = schedule or VPSchedule()
-        self._cache: dict[bytes, tuple[Tensor, Tensor, Tensor, Tensor]] = {}
-        self._posterior_for(torch.as_tensor(spec.y))
+        # (observation bytes, device) -> posterior tensors on that device (no host copies per call on a GPU)
+        self._cache: dict[tuple[bytes, str], tuple[Tensor, Tensor, Tensor, Tensor]] = {}
+        self._posterior_for(torch.as_tensor(spec.y), torch.device("cpu"))
 
-    def _posterior_for(self, y: Tensor):
-        key = y.detach().to(torch.float64).cpu().numpy().tobytes()
+    def _posterior_for(self, y: Tensor, device: torch.device):
+        key = (y.detach().to(torch.float64).cpu().numpy().tobytes(), str(device))
         if key not in self._cache:
             if len(self._cache) > 64:
                 self._cache.clear()
             post = exact_posterior(self.spec.with_observation(y.detach().cpu().numpy()))
             lam, u = torch.linalg.eigh(post.covs)
-            self._cache[key] = (torch.log(post.weights), post.means, lam.clamp_min(0.0), u)
+            self._cache[key] = tuple(v.to(device) for v in (torch.log(post.weights), post.means,
+                                                              lam.clamp_min(0.0), u))
         return self._cache[key]
 
     def score(self, x_t: Tensor, y: Tensor | None, t: Tensor) -> Tensor:
@@ -273,9 +275,8 @@ class ExactPosteriorEps(torch.nn.Module):
         y = y.reshape(-1, self.spec.y.shape[0])
         if y.shape[0] > 1 and not torch.all(y == y[:1]):
             raise InputError("y: ExactPosteriorEps takes one observation shared by the batch")
-        log_w, mus, lam, u = self._posterior_for(y[0])
         dev, dtype = x_t.device, torch.float64
-        log_w, mus, lam, u = (v.to(dev) for v in (log_w, mus, lam, u))
+        log_w, mus, lam, u = self._posterior_for(y[0], dev)
         x = x_t.reshape(batch, -1).to(dtype)
         t = torch.as_tensor(t, dtype=dtype, device=dev).reshape(-1).expand(batch)
         m = self.schedule.mean(t)[:, None]  # (B, 1)
