@@ -118,6 +118,29 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grid", choices=["uniform", "polynomial", "logsnr", "edm"], default="uniform")
     p.add_argument("--rho", type=_positive_float("rho"), default=None, help="grid warp exponent")
     p.add_argument("--seed", type=_nonneg_int("seed"), default=0)
+    p.add_argument("--device", type=_device_name, default="auto",
+                   help="where the network runs: auto (a CUDA GPU when one is visible), cpu, cuda or cuda:N; "
+                        "the noise is drawn on the CPU, so every device gives the same samples up to rounding")
+
+
+def _device_name(s: str) -> str:
+    if s in ("auto", "cpu", "cuda") or (s.startswith("cuda:") and s[5:].isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
+
+
+def resolve_device(name: str):
+    """The torch device for ``--device``; a clear error when the GPU asked for is not there."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise InputError(f"device: {name} asked for, but {count} CUDA GPU(s) are visible")
+    return device
 
 
 def _start(name, noise_std, dtype, what, denoise_y=None, inpaint_y=None, observed=None):
@@ -160,12 +183,14 @@ def load_observation(path: str, operator):
 
 
 def load_target(args):
-    """Return (model, y, event_shape, start, dtype) for --problem or --checkpoint."""
+    """Return (model, y, event_shape, start, dtype, device) for --problem or --checkpoint."""
     import numpy as np
     import torch
 
+    device = resolve_device(getattr(args, "device", "cpu"))
     if getattr(args, "checkpoint", None):
-        return _load_checkpoint_target(args)
+        model, y, shape, start, dtype = _load_checkpoint_target(args)
+        return model.to(device), y.to(device), shape, start, dtype, device
     if getattr(args, "observation", None):
         raise InputError("observation: only with --checkpoint (an analytic spec carries its own y)")
     from lightning_mlmc.problems import AnalyticSpec, ExactPosteriorEps
@@ -182,7 +207,8 @@ def load_target(args):
     elif spec.matrix.shape[0] == spec.dim and np.array_equal(spec.matrix, np.eye(spec.dim)):  # denoising
         kinds["denoise_y"] = torch.as_tensor(spec.y).reshape(shape)
     start = _start(args.start, noise_std, dtype, "this spec", **kinds)
-    return model, y.to(dtype), tuple(shape), start, dtype
+    # y stays on the CPU: the exact score keys its posterior on it and computes on x_t's device.
+    return model, y.to(dtype), tuple(shape), start, dtype, device
 
 
 def _load_checkpoint_target(args):
@@ -227,8 +253,8 @@ def cmd_sample(args) -> int:
         if not (args.tol > 0):
             raise InputError(f"tol: expected a positive number, got {args.tol}")
     _check_out(args.out)
-    model, y, shape, start, dtype = load_target(args)
-    noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype)
+    model, y, shape, start, dtype, device = load_target(args)
+    noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype, device=device)
     grid = make_grid(args)
     if args.sampler in ("ddpm", "ddim"):
         out = sample(model, y, noise, steps=args.steps, sampler=args.sampler, start=start, grid=grid)
@@ -241,7 +267,7 @@ def cmd_sample(args) -> int:
             start=start, grid=grid,
         )
     stats = {"rounds": out.rounds, "nfe": out.nfe, "steps": out.steps, "wall_seconds": out.wall_seconds,
-             "sampler": args.sampler, "seed": args.seed}
+             "sampler": args.sampler, "seed": args.seed, "device": str(device)}
     stats.update({k: v for k, v in out.stats.items() if k not in stats})
     samples = out.samples.reshape(args.num_samples, -1).double().cpu().numpy()
 

@@ -57,12 +57,12 @@ def _sampler(args):
 
     if args.M < 2:
         raise InputError(f"M: expected an integer >= 2, got {args.M}")
-    model, y, shape, start, dtype = load_target(args)
+    model, y, shape, start, dtype, device = load_target(args)
     lmin = 0 if args.lmin == "auto" else args.lmin  # mlmc() moves it to the pilot's choice
     return CoupledLevelSampler(model, y, shape, M=args.M, lmin=lmin, sampler=args.sampler,
                                coupling=args.coupling, data_std=args.data_std,
                                payoff=make_payoff(args.payoff, args.clip),
-                               start=start, grid=make_grid(args), seed=args.seed, dtype=dtype)
+                               start=start, grid=make_grid(args), seed=args.seed, dtype=dtype, device=device)
 
 
 def _check_levels(args):

@@ -58,7 +58,10 @@ class _Window:
         for k in range(1, self.n):
             if std[k] == 0:
                 std[k] = std[k - 1]
-        self.scale = std.clamp_min(1e-12)
+        # Per-step coefficients on the trajectory's device once, not copied there every round.
+        dev = x0.device
+        self.t, self.a_minus_1, self.c_eps = (c.to(dev) for c in (self.coef.t, self.coef.a_minus_1, self.coef.eps))
+        self.scale = std.clamp_min(1e-12).to(dev)
         self.nfe = 0
         self.rounds = 0
 
@@ -67,10 +70,10 @@ class _Window:
         p = end - j
         xs = self.traj[j:end]
         flat = xs.reshape(p * self.batch, *xs.shape[2:])
-        t = self.coef.t[j:end].repeat_interleave(self.batch).to(flat.device)
+        t = self.t[j:end].repeat_interleave(self.batch)
         y = None if self.y is None else self.y.repeat(p, *([1] * (self.y.dim() - 1)))
         eps = self.model(flat, y, t).reshape(xs.shape)
-        inc = drift_increment(xs, eps, _bcast(self.coef.a_minus_1[j:end], xs), _bcast(self.coef.eps[j:end], xs))
+        inc = drift_increment(xs, eps, _bcast(self.a_minus_1[j:end], xs), _bcast(self.c_eps[j:end], xs))
         if self.noise is not None:
             inc = inc + self.noise[j:end]
         self.nfe += p

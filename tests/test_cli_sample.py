@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from problems import EXAMPLES
 
 from lightning_mlmc.cli import main
@@ -32,6 +33,7 @@ def test_npz_contract(tmp_path, sampler):
     assert z["samples"].shape == (64, 2) and z["samples"].dtype == np.float64
     stats = json.loads(str(z["stats"]))
     assert stats["steps"] == 30 and stats["nfe"] == 30 and stats["rounds"] == 30 and stats["wall_seconds"] >= 0
+    assert stats["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # --device auto
     # Same seed -> same samples.
     out2 = tmp_path / "t.npz"
     main(["sample", "--problem", SPEC, "--sampler", sampler, "--steps", "30", "--num-samples", "64",
@@ -65,6 +67,8 @@ BAD = [
     ("steps 0", lambda tmp: ["--problem", SPEC, "--steps", "0"], "steps"),
     ("unknown sampler", lambda tmp: ["--problem", SPEC, "--sampler", "euler"], "--sampler"),
     ("out folder missing", lambda tmp: ["--problem", SPEC, "--out", str(tmp / "no" / "x.npz")], "out:"),
+    ("unknown device", lambda tmp: ["--problem", SPEC, "--device", "tpu"], "--device"),
+    ("gpu not visible", lambda tmp: ["--problem", SPEC, "--device", "cuda:99"], "device: cuda:99"),
 ]
 
 

@@ -6,17 +6,19 @@ is compared with TF32 switched off, so the only differences are float32 reorderi
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from problems import bimodal2d, inpaint4x4
+from problems import EXAMPLES, bimodal2d, inpaint4x4
 from pytorch_lightning.loggers import CSVLogger
 
 from callbacks import MLMCCallback, PicardCallback
 from datamodules import DigitsDataModule
 from lightning_mlmc import ExactPosteriorEps, NoiseSource, TimeGrid, sample
+from lightning_mlmc.cli import main as cli_main
 from lightning_mlmc.mlmc import SUM_NAMES, CoupledLevelSampler, mlmc
 from lightning_mlmc.module import ScoreModule, load_score_module
 from lightning_mlmc.picard import picard_sample
@@ -55,6 +57,21 @@ def test_picard_on_cuda_matches_the_sequential_sampler(anderson):
     assert out.samples.device.type == "cuda" and out.stats["converged"]
     assert float((out.samples - ref).abs().max() / ref.abs().max()) < 1e-5
     assert out.rounds < 200
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "picard-ddim"])
+def test_cli_device_auto_runs_on_the_gpu_and_equals_cpu(tmp_path, sampler):
+    spec = os.path.join(EXAMPLES, "inpaint4x4.json")
+    out = {}
+    for device in ("cpu", "auto"):
+        out[device] = tmp_path / f"{device}.npz"
+        rc = cli_main(["sample", "--problem", spec, "--sampler", sampler, "--steps", "50", "--window", "16",
+                       "--tol", "1e-6", "--num-samples", "32", "--seed", "2", "--device", device,
+                       "--out", str(out[device])])
+        assert rc == 0
+    assert json.loads(str(np.load(out["auto"])["stats"]))["device"] == "cuda"
+    np.testing.assert_allclose(np.load(out["auto"])["samples"], np.load(out["cpu"])["samples"], rtol=1e-9,
+                               atol=1e-9)
 
 
 @pytest.mark.parametrize("coupling", ["naive", "weighted", "jacobian"])
@@ -113,3 +130,12 @@ def test_training_and_uq_callbacks_on_the_gpu(tmp_path, no_tf32):
         e_cpu = cpu_model(x_t, y, t)
         e_gpu = gpu_model(x_t.to(CUDA), y.to(CUDA), t.to(CUDA)).cpu()
     torch.testing.assert_close(e_gpu, e_cpu, rtol=1e-4, atol=1e-4)
+    # The CLI on that checkpoint: --device cuda and --device cpu give the same samples up to float32 rounding.
+    np.save(tmp_path / "y.npy", y[0].numpy())
+    samples = {}
+    for device in ("cpu", "cuda"):
+        out = tmp_path / f"{device}.npz"
+        assert cli_main(["sample", "--checkpoint", str(path), "--observation", str(tmp_path / "y.npy"), "--sampler",
+                         "ddim", "--steps", "20", "--num-samples", "8", "--device", device, "--out", str(out)]) == 0
+        samples[device] = np.load(out)["samples"]
+    np.testing.assert_allclose(samples["cuda"], samples["cpu"], rtol=1e-3, atol=1e-3)
