@@ -9,6 +9,22 @@ import subprocess
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _commit() -> str:
+    """Short commit of the tree, "-dirty" when code is uncommitted (result files the benchmarks rewrite do
+    not count). ``BENCH_COMMIT`` overrides it for a copy of the tree whose .git is stale or missing (a rented
+    GPU machine): the caller names the commit it copied."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ROOT,
+                                ":(exclude)benchmarks/results"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + ("-dirty" if dirty else "")
+
+
 def machine_info() -> dict:
     import torch
 
@@ -18,23 +34,11 @@ def machine_info() -> dict:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=ROOT).stdout.strip()
-        # Uncommitted code makes the stamp "-dirty"; result files the benchmarks themselves rewrite do not.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ROOT,
-                                ":(exclude)benchmarks/results"], capture_output=True,
-                               text=True, cwd=ROOT).stdout.strip()
-        commit += "-dirty" if dirty else ""
-    except OSError:
-        commit = ""
-    # A copy of the tree without its .git (a rented GPU machine) names its commit in BENCH_COMMIT.
-    commit = commit or os.environ.get("BENCH_COMMIT", "") or "unknown"
     return {
         "cpu": cpu,
         "cores": os.cpu_count(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": _commit(),
     }

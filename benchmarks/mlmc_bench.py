@@ -35,6 +35,8 @@ class TimedModel:
     def __call__(self, x, y, t):
         tic = time.perf_counter()
         out = self.model(x, y, t)
+        if out.is_cuda:
+            torch.cuda.synchronize(out.device)  # time the GPU's work, not only the kernel launches
         self.seconds += time.perf_counter() - tic
         self.rows += x.shape[0]
         return out
@@ -49,6 +51,7 @@ class Target:
     dtype: torch.dtype
     truth: torch.Tensor | None = None  # exact E[f(X)|y] (analytic) or a reference run (trained)
     truth_note: str = ""
+    device: torch.device = torch.device("cpu")  # where the network runs (the model and y live there)
 
 
 @dataclass(frozen=True)
@@ -79,13 +82,14 @@ def analytic_target(spec, name: str) -> Target:
                   "exact posterior second moment")
 
 
-def trained_target(checkpoint: str, observation: str, name: str) -> Target:
+def trained_target(checkpoint: str, observation: str, name: str, device="cpu") -> Target:
     from lightning_mlmc.cli import load_observation
     from lightning_mlmc.module import load_score_model
 
-    model = load_score_model(checkpoint)
-    y = load_observation(observation, model.operator)
-    return Target(name, model, y, tuple(model.operator.shape), torch.float32)
+    device = torch.device(device)
+    model = load_score_model(checkpoint).to(device)
+    y = load_observation(observation, model.operator).to(device)
+    return Target(name, model, y, tuple(model.operator.shape), torch.float32, device=device)
 
 
 # The trained digits models of the benchmarks: `make demo` writes runs/digits_superres, and
@@ -103,7 +107,7 @@ def make_sampler(target: Target, scheme: Scheme, seed: int, model=None) -> Coupl
     return CoupledLevelSampler(model or target.model, target.y, target.shape, M=scheme.M,
                                lmin=0 if scheme.lmin == "auto" else scheme.lmin, sampler=scheme.sampler,
                                coupling=scheme.coupling, data_std=scheme.data_std, grid=scheme.time_grid(), seed=seed,
-                               dtype=target.dtype)
+                               dtype=target.dtype, device=target.device)
 
 
 def rmse_to_truth(estimate, truth) -> float:
@@ -144,7 +148,7 @@ def run_mc(target: Target, scheme: Scheme, eps: float, L: int, var_pl: float, se
     tic, done, b = time.perf_counter(), 0, 0
     while done < n:
         nb = min(batch_size, n - done)
-        noise = NoiseSource(seed, (nb, *target.shape), stream=(10_000 + b,), dtype=target.dtype)
+        noise = NoiseSource(seed, (nb, *target.shape), stream=(10_000 + b,), dtype=target.dtype, device=target.device)
         x = sample(timed, target.y, noise, steps=steps, sampler=scheme.sampler, grid=scheme.time_grid()).samples
         total += payoff(x.reshape(nb, -1)).double().sum(0).cpu()
         done, b = done + nb, b + 1
