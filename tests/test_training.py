@@ -12,6 +12,7 @@ import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import WandbLogger
 
+from callbacks import FusedEMA
 from datamodules import AnalyticDataModule, DigitsDataModule
 from lightning_mlmc.cli import main as cli_main
 from lightning_mlmc.errors import InputError
@@ -117,6 +118,28 @@ def test_resume_continues_the_ema_average(fitted, tmp_path):
     after = torch.load(str(tmp_path / "last.ckpt"), map_location="cpu", weights_only=True)
     assert int(after["averaging_state"]["n_averaged"]) == 9
     assert after["global_step"] == 9
+
+
+def test_fused_ema_gives_lightnings_ema_average(tmp_path):
+    """FusedEMA (one foreach lerp per step) ends with the same averaged weights as EMAWeightAveraging."""
+    dm = DigitsDataModule(SUPERRES, batch_size=32)
+    weights = {}
+    for name, ema in (("lightning", EMAWeightAveraging(decay=0.7)), ("fused", FusedEMA(decay=0.7))):
+        pl.seed_everything(0)
+        module = tiny_module(dm)
+        trainer = pl.Trainer(max_steps=5, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                             callbacks=[ema], enable_progress_bar=False, accelerator="cpu",
+                             default_root_dir=str(tmp_path / name))
+        trainer.fit(module, dm)  # at train end the callback copies its average into the module
+        weights[name] = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        assert int(ema._average_model.n_averaged) == 5
+    pl.seed_everything(0)
+    raw = tiny_module(dm).state_dict()  # the initial weights: the average must have moved away from them
+    for k, v in weights["lightning"].items():
+        torch.testing.assert_close(weights["fused"][k], v, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(raw[k], v) for k, v in weights["fused"].items())
+    with pytest.raises(InputError, match="decay"):
+        FusedEMA(decay=1.0)
 
 
 def test_unreadable_checkpoints_are_clear_errors(tmp_path):
