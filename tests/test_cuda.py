@@ -15,7 +15,7 @@ import torch
 from problems import EXAMPLES, bimodal2d, inpaint4x4
 from pytorch_lightning.loggers import CSVLogger
 
-from callbacks import MLMCCallback, PicardCallback
+from callbacks import FusedEMA, MLMCCallback, PicardCallback
 from datamodules import DigitsDataModule
 from lightning_mlmc import ExactPosteriorEps, NoiseSource, TimeGrid, sample
 from lightning_mlmc.cli import main as cli_main
@@ -108,7 +108,8 @@ def _fit_on_gpu(tmp_path, steps=6):
     picard_cb = PicardCallback(steps=10, window=4, tol=0.1, observations=1, samples_per_observation=2)
     trainer = pl.Trainer(max_steps=steps, limit_val_batches=1, val_check_interval=steps, num_sanity_val_steps=0,
                          logger=CSVLogger(str(tmp_path)), default_root_dir=str(tmp_path),
-                         enable_progress_bar=False, callbacks=[mlmc_cb, picard_cb], accelerator="gpu", devices=1)
+                         enable_progress_bar=False, callbacks=[FusedEMA(decay=0.5), mlmc_cb, picard_cb],
+                         accelerator="gpu", devices=1)
     trainer.fit(module, dm)
     return trainer, dm, module
 
