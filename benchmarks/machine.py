@@ -10,8 +10,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _commit() -> str:
-    """Short commit of the tree, "-dirty" when code is uncommitted (result files the benchmarks rewrite do
-    not count). ``BENCH_COMMIT`` overrides it for a copy of the tree whose .git is stale or missing (a rented
+    """Short commit of the tree, "-dirty" when code is uncommitted (result files the benchmarks rewrite and
+    Markdown do not count). ``BENCH_COMMIT`` overrides it for a copy of the tree whose .git is stale or missing (a rented
     GPU machine): the caller names the commit it copied."""
     if os.environ.get("BENCH_COMMIT"):
         return os.environ["BENCH_COMMIT"]
@@ -19,7 +19,8 @@ def _commit() -> str:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=ROOT).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ROOT,
-                                ":(exclude)benchmarks/results"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
+                                ":(exclude)benchmarks/results", ":(exclude)*.md"], capture_output=True, text=True,
+                               cwd=ROOT).stdout.strip()
     except OSError:
         return "unknown"
     return (commit or "unknown") + ("-dirty" if dirty else "")
