@@ -4,7 +4,8 @@
 step updates the average with a Python loop of a few kernels per parameter tensor. For a small UNet on a GPU
 that loop is launch-bound and costs as much as a third of the training step (benchmarks/train_throughput.py).
 ``FusedEMA`` gives ``AveragedModel`` the equivalent ``multi_avg_fn`` instead: one fused lerp over all tensors
-of a device and dtype per step. Same average (up to float rounding), same checkpoint layout, same options.
+of a device and dtype per step. Same average (up to float rounding), same checkpoint layout and state key
+(a checkpoint written with either callback resumes with the other), same options.
 """
 
 from __future__ import annotations
@@ -37,3 +38,8 @@ class FusedEMA(EMAWeightAveraging):
         self.update_every_n_steps = update_every_n_steps
         self.update_starting_at_step = update_starting_at_step
         self.update_starting_at_epoch = update_starting_at_epoch
+
+    @property
+    def state_key(self) -> str:
+        # Lightning's key: checkpoints of runs made with EMAWeightAveraging resume with FusedEMA and back.
+        return EMAWeightAveraging.__qualname__

@@ -142,6 +142,19 @@ def test_fused_ema_gives_lightnings_ema_average(tmp_path):
         FusedEMA(decay=1.0)
 
 
+def test_a_run_made_with_lightnings_ema_resumes_with_fused_ema(fitted, tmp_path):
+    """The fixture's checkpoint (EMAWeightAveraging) continues under FusedEMA with its callback state."""
+    dm = fitted["dm"]
+    saved = torch.load(fitted["ckpt"], map_location="cpu", weights_only=True)["callbacks"]["EMAWeightAveraging"]
+    assert saved["latest_update_step"] > 0
+    ema = FusedEMA(decay=0.5)
+    # max_steps = the checkpoint's steps: nothing is left to train, so the state seen is the restored one.
+    trainer = pl.Trainer(max_steps=6, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         callbacks=[ema], enable_progress_bar=False, accelerator="cpu")
+    trainer.fit(tiny_module(dm), dm, ckpt_path=fitted["ckpt"])
+    assert ema._latest_update_step == saved["latest_update_step"]
+
+
 def test_unreadable_checkpoints_are_clear_errors(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
