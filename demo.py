@@ -31,8 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIG = os.path.join(HERE, "configs", "digits_superres.yaml")
 
 
-def train(run_dir: str, max_epochs: str | None) -> str:
-    args = ["fit", "--config", CONFIG, "--trainer.default_root_dir", run_dir]
+def train(run_dir: str, max_epochs: str | None, config: str = CONFIG) -> str:
+    args = ["fit", "--config", config, "--trainer.default_root_dir", run_dir]
     if max_epochs:
         args += ["--trainer.max_epochs", max_epochs]
     rc = cli_main(args)
@@ -41,15 +41,24 @@ def train(run_dir: str, max_epochs: str | None) -> str:
     return os.path.join(run_dir, "checkpoints", "last.ckpt")
 
 
-def evaluate(ckpt: str, run_dir: str, num_samples: int = 16, steps: int = 100) -> dict:
+def export_run(ckpt: str, run_dir: str, config: str = CONFIG):
+    """Export the checkpoint's (EMA) model to RUN_DIR/export and write the first four validation
+    observations as RUN_DIR/observation_<i>.npz (y and the clean x): the inputs of `lightning-mlmc
+    sample|mlmc --checkpoint ... --observation ...` and of the benchmarks. Returns (module, x, y) with the
+    whole validation set."""
     module = load_score_module(ckpt)
     module.export(os.path.join(run_dir, "export"))
-    with open(CONFIG) as f:
+    with open(config) as f:
         data_args = yaml.safe_load(f)["data"]["init_args"]
     dm = DigitsDataModule(**data_args)
     x, y = dm.validation_observations(len(dm.split("val")))
-    for i in range(4):  # inputs for `lightning-mlmc sample|mlmc --checkpoint ... --observation ...`
+    for i in range(4):
         np.savez(os.path.join(run_dir, f"observation_{i}.npz"), y=y[i].numpy(), x=x[i].numpy())
+    return module, x, y
+
+
+def evaluate(ckpt: str, run_dir: str, num_samples: int = 16, steps: int = 100) -> dict:
+    module, x, y = export_run(ckpt, run_dir)
     torch.set_num_threads(os.cpu_count() or 1)
     post = posterior_summary(module.model, y, x.shape[1:], num_samples=num_samples, steps=steps, seed=0)
     factor = module.operator.factor

@@ -19,17 +19,16 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from machine import machine_info  # noqa: E402
-from mlmc_bench import ROOT, TRAINED_MODELS, log, trained_model_paths, trained_target, write_result  # noqa: E402
+from mlmc_bench import (ROOT, TRAINED_MODELS, Scheme, log, make_sampler, trained_model_paths,  # noqa: E402
+                        trained_target, write_result)
 
-from lightning_mlmc import TimeGrid  # noqa: E402
-from lightning_mlmc.mlmc import CoupledLevelSampler, level_stats  # noqa: E402
+from lightning_mlmc.mlmc import level_stats  # noqa: E402
 
 COUPLINGS = [("naive", 0.5), ("weighted", 0.5), ("jacobian", 0.5)]
 
 
 def probe(target, grid: str, coupling: str, data_std: float, levels, n: int) -> list[dict]:
-    s = CoupledLevelSampler(target.model, target.y, target.shape, coupling=coupling, data_std=data_std,
-                            grid=TimeGrid(grid), seed=7, dtype=target.dtype)
+    s = make_sampler(target, Scheme(grid, coupling, lmin=0, data_std=data_std), seed=7)
     rows = []
     for level in levels:
         st = level_stats(level, s(level, n), s.cost(level))

@@ -14,16 +14,12 @@ import argparse
 import os
 import sys
 
-import numpy as np
 import yaml
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
-from datamodules import DigitsDataModule  # noqa: E402
-
-from lightning_mlmc.cli import main as cli_main  # noqa: E402
-from lightning_mlmc.module import load_score_module  # noqa: E402
+from demo import export_run, train  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -32,21 +28,13 @@ def main(argv=None) -> int:
     ap.add_argument("--run-dir", required=True)
     args = ap.parse_args(argv)
     os.environ.setdefault("WANDB_MODE", "offline")
+    with open(args.config) as f:
+        if not yaml.safe_load(f)["data"]["class_path"].endswith("DigitsDataModule"):
+            raise SystemExit(f"prepare_model: {args.config} is not a digits config")
     ckpt = os.path.join(args.run_dir, "checkpoints", "last.ckpt")
     if not os.path.isfile(ckpt):
-        rc = cli_main(["fit", "--config", args.config, "--trainer.default_root_dir", args.run_dir])
-        if rc != 0:
-            return rc
-    module = load_score_module(ckpt)
-    module.export(os.path.join(args.run_dir, "export"))
-    with open(args.config) as f:
-        data = yaml.safe_load(f)["data"]
-    if not data["class_path"].endswith("DigitsDataModule"):
-        raise SystemExit(f"prepare_model: {args.config} is not a digits config")
-    dm = DigitsDataModule(**data["init_args"])
-    x, y = dm.validation_observations(4)
-    for i in range(4):
-        np.savez(os.path.join(args.run_dir, f"observation_{i}.npz"), y=y[i].numpy(), x=x[i].numpy())
+        ckpt = train(args.run_dir, None, args.config)
+    export_run(ckpt, args.run_dir, args.config)
     print(f"model: {os.path.join(args.run_dir, 'export')}; observations: {args.run_dir}/observation_0..3.npz")
     return 0
 
