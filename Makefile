@@ -22,7 +22,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m demo
+	$(PY) -m lightning_mlmc.demo
 
 contract: $(STAMP)
 	$(PY) ../shared/contract/check.py

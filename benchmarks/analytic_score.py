@@ -1,6 +1,6 @@
 """A trained MLP score against the exact score of an analytic problem (configs/analytic_inpaint.yaml).
 
-    python benchmarks/analytic_score.py [--spec examples/inpaint4x4.json] [--epochs 30]
+    python -m benchmarks.analytic_score [--spec examples/inpaint4x4.json] [--epochs 30]
 
 Trains ``ScoreModule(network="mlp")`` on draws from the spec's Gaussian-mixture prior (``AnalyticDataModule``,
 EMA weights), then reports, for two kinds of observation,
@@ -17,19 +17,17 @@ Writes benchmarks/results/analytic_score.json.
 import argparse
 import json
 import os
-import sys
 import time
 
 import pytorch_lightning as pl
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402
+from benchmarks.machine import machine_info
 
-from datamodules import AnalyticDataModule  # noqa: E402
-from lightning_mlmc import NoiseSource, sample  # noqa: E402
-from lightning_mlmc.module import ScoreModule  # noqa: E402
-from lightning_mlmc.problems import ExactPosteriorEps, eps_relative_error, exact_posterior  # noqa: E402
+from datamodules import AnalyticDataModule
+from lightning_mlmc import NoiseSource, sample
+from lightning_mlmc.module import ScoreModule
+from lightning_mlmc.problems import ExactPosteriorEps, eps_relative_error, exact_posterior
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 1.0]

@@ -13,14 +13,14 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from lightning_mlmc import ExactPosteriorEps, TimeGrid, WeakConvergenceFailure, exact_posterior
-from lightning_mlmc.mlmc import CoupledLevelSampler, make_payoff, mlmc
-from lightning_mlmc.sampling import NoiseSource, sample
+from lightning_mlmc import ExactPosteriorEps, WeakConvergenceFailure, exact_posterior
+from lightning_mlmc.mlmc import CoupledLevelSampler, MLMCConfig, make_payoff, run_mlmc as run_driver
+from lightning_mlmc.sampling import NoiseSource, Streams, sample
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -54,26 +54,18 @@ class Target:
     device: torch.device = torch.device("cpu")  # where the network runs (the model and y live there)
 
 
-@dataclass(frozen=True)
-class Scheme:
-    """One MLMC configuration: grid, coupling, Lmin (int or 'auto'), M, sampler (and the jacobian's data_std)."""
+def make_scheme(grid: str = "uniform", coupling: str = "naive", lmin="auto", M: int = 2, rho: float | None = None,
+           sampler: str = "ddpm", data_std: float = 0.5) -> MLMCConfig:
+    """An MLMC scheme of the benchmarks: the command line's configuration (automatic Lmin by default)."""
+    return MLMCConfig(grid=grid, coupling=coupling, lmin=lmin, M=M, rho=rho, sampler=sampler, data_std=data_std)
 
-    grid: str = "uniform"
-    coupling: str = "naive"
-    lmin: int | str = "auto"
-    M: int = 2
-    rho: float = 7.0
-    sampler: str = "ddpm"
-    data_std: float = 0.5  # the jacobian coupling's data scale
 
-    @property
-    def label(self) -> str:
-        g = f"{self.grid}(rho={self.rho:g})" if self.grid in ("polynomial", "edm") else self.grid
-        c = f"jacobian({self.data_std:g})" if self.coupling == "jacobian" else self.coupling
-        return f"{g}/{c}/lmin={self.lmin}/M={self.M}/{self.sampler}"
-
-    def time_grid(self) -> TimeGrid:
-        return TimeGrid(self.grid, rho=self.rho)
+def label(config: MLMCConfig) -> str:
+    """grid/coupling/lmin/M/sampler, as in the result files and README tables."""
+    grid = config.time_grid()
+    g = f"{grid.kind}(rho={grid.rho:g})" if grid.kind in ("polynomial", "edm") else grid.kind
+    c = f"jacobian({config.data_std:g})" if config.coupling == "jacobian" else config.coupling
+    return f"{g}/{c}/lmin={config.lmin}/M={config.M}/{config.sampler}"
 
 
 def analytic_target(spec, name: str) -> Target:
@@ -83,7 +75,7 @@ def analytic_target(spec, name: str) -> Target:
 
 
 def trained_target(checkpoint: str, observation: str, name: str, device="cpu") -> Target:
-    from lightning_mlmc.cli import load_observation
+    from lightning_mlmc.cli.common import load_observation
     from lightning_mlmc.module import load_score_model
 
     device = torch.device(device)
@@ -103,32 +95,30 @@ def trained_model_paths(name: str) -> tuple[str, str]:
     return os.path.join(run_dir, "export"), os.path.join(run_dir, "observation_0.npz")
 
 
-def make_sampler(target: Target, scheme: Scheme, seed: int, model=None) -> CoupledLevelSampler:
-    return CoupledLevelSampler(model or target.model, target.y, target.shape, M=scheme.M,
-                               lmin=0 if scheme.lmin == "auto" else scheme.lmin, sampler=scheme.sampler,
-                               coupling=scheme.coupling, data_std=scheme.data_std, grid=scheme.time_grid(), seed=seed,
-                               dtype=target.dtype, device=target.device)
+def make_sampler(target: Target, config: MLMCConfig, seed: int, model=None) -> CoupledLevelSampler:
+    return config.level_sampler(model or target.model, target.y, target.shape, dtype=target.dtype,
+                                device=target.device, seed=seed)
 
 
 def rmse_to_truth(estimate, truth) -> float:
     return float((torch.as_tensor(estimate, dtype=torch.float64) - truth).pow(2).mean().sqrt())
 
 
-def run_mlmc(target: Target, scheme: Scheme, eps: float, seed: int, *, n0: int = 100, lmax: int = 11,
+def run_mlmc(target: Target, scheme: MLMCConfig, eps: float, seed: int, *, n0: int = 100, lmax: int = 11,
              batch_size: int = 2000) -> dict:
     timed = TimedModel(target.model)
-    s = make_sampler(target, scheme, seed, timed)
+    config = replace(scheme, n0=n0, lmax=lmax, batch_size=batch_size, seed=seed)
+    s = make_sampler(target, config, seed, timed)
     tic = time.perf_counter()
     try:
-        r, converged = mlmc(s, eps, M=scheme.M, lmin=scheme.lmin, lmax=lmax, n0=n0, cost_fn=s.cost,
-                            batch_size=batch_size), True
+        r, converged = run_driver(config, s, eps), True
     except WeakConvergenceFailure as e:
         r, converged = e.result, False
     wall = time.perf_counter() - tic
-    out = {"scheme": scheme.label, "eps": eps, "seed": seed, "converged": converged, "lmin": r.lmin,
-           "L": r.levels[-1]["level"], "N_l": [lv["n_samples"] for lv in r.levels],
-           "V_l": [lv["var"] for lv in r.levels], "mean_l": [lv["mean"] for lv in r.levels],
-           "var_fine": [lv["var_fine"] for lv in r.levels], "alpha": r.alpha, "beta": r.beta, "gamma": r.gamma,
+    out = {"scheme": label(scheme), "eps": eps, "seed": seed, "converged": converged, "lmin": r.lmin,
+           "L": r.levels[-1].level, "N_l": [lv.n_samples for lv in r.levels],
+           "V_l": [lv.var for lv in r.levels], "mean_l": [lv.mean for lv in r.levels],
+           "var_fine": [lv.var_fine for lv in r.levels], "alpha": r.alpha, "beta": r.beta, "gamma": r.gamma,
            "nfe": r.nfe, "nfe_counted": r.nfe_counted, "pilot_nfe": r.pilot_nfe, "nfe_mc_predicted": r.nfe_mc,
            "savings_predicted": r.savings, "rmse_bound": r.rmse_bound, "wall_seconds": wall,
            "network_seconds": timed.seconds, "network_fraction": timed.seconds / wall, "estimate": r.estimate}
@@ -137,7 +127,7 @@ def run_mlmc(target: Target, scheme: Scheme, eps: float, seed: int, *, n0: int =
     return out
 
 
-def run_mc(target: Target, scheme: Scheme, eps: float, L: int, var_pl: float, seed: int, *,
+def run_mc(target: Target, scheme: MLMCConfig, eps: float, L: int, var_pl: float, seed: int, *,
            theta: float = 0.25, batch_size: int = 2000) -> dict:
     """Plain MC at matched eps on the finest grid (M^L steps): N = V[P_L] / ((1 - theta) eps^2)."""
     steps = scheme.M**L
@@ -148,12 +138,13 @@ def run_mc(target: Target, scheme: Scheme, eps: float, L: int, var_pl: float, se
     tic, done, b = time.perf_counter(), 0, 0
     while done < n:
         nb = min(batch_size, n - done)
-        noise = NoiseSource(seed, (nb, *target.shape), stream=(10_000 + b,), dtype=target.dtype, device=target.device)
+        noise = NoiseSource(seed, (nb, *target.shape), stream=(Streams.PLAIN_MC + b,), dtype=target.dtype,
+                            device=target.device)
         x = sample(timed, target.y, noise, steps=steps, sampler=scheme.sampler, grid=scheme.time_grid()).samples
         total += payoff(x.reshape(nb, -1)).double().sum(0).cpu()
         done, b = done + nb, b + 1
     est = total / n
-    out = {"scheme": scheme.label, "eps": eps, "seed": seed, "steps": steps, "n_samples": n, "nfe": timed.rows,
+    out = {"scheme": label(scheme), "eps": eps, "seed": seed, "steps": steps, "n_samples": n, "nfe": timed.rows,
            "wall_seconds": time.perf_counter() - tic, "estimate": est.tolist()}
     if target.truth is not None:
         out["error"] = rmse_to_truth(est, target.truth)

@@ -5,7 +5,7 @@ For each model, grid and coupling (naive, the seed's weighted, jacobian with dat
 noises and the comparison is paired. Reports V_l, its standard error V_l sqrt((kurtosis - 1) / N), the
 mean |E[Y_l]| and the ratio to the naive coupling's V_l.
 
-    .venv/bin/python benchmarks/mlmc_couplings.py      # writes results/mlmc_couplings.json
+    .venv/bin/python -m benchmarks.mlmc_couplings      # writes results/mlmc_couplings.json
 """
 
 from __future__ import annotations
@@ -13,22 +13,20 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402
-from mlmc_bench import (ROOT, TRAINED_MODELS, Scheme, log, make_sampler, trained_model_paths,  # noqa: E402
-                        trained_target, write_result)
+from benchmarks.machine import machine_info
+from benchmarks.mlmc_bench import (ROOT, TRAINED_MODELS, log, make_sampler, make_scheme, trained_model_paths,
+                                   trained_target, write_result)
 
-from lightning_mlmc.mlmc import level_stats  # noqa: E402
+from lightning_mlmc.mlmc import level_stats
 
 COUPLINGS = [("naive", 0.5), ("weighted", 0.5), ("jacobian", 0.5)]
 
 
 def probe(target, grid: str, coupling: str, data_std: float, levels, n: int) -> list[dict]:
-    s = make_sampler(target, Scheme(grid, coupling, lmin=0, data_std=data_std), seed=7)
+    s = make_sampler(target, make_scheme(grid, coupling, lmin=0, data_std=data_std), seed=7)
     rows = []
     for level in levels:
         st = level_stats(level, s(level, n), s.cost(level))

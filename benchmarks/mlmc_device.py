@@ -1,6 +1,6 @@
 """MLMC and plain MC wall time on each device, side by side in one run, on the trained digits model.
 
-    python benchmarks/mlmc_device.py --devices cpu cuda [--eps 0.01] [--model superres]
+    python -m benchmarks.mlmc_device --devices cpu cuda [--eps 0.01] [--model superres]
 
 For each device: one adaptive MLMC run (log-SNR grid, naive coupling, automatic Lmin, M = 2, the same seed)
 and plain MC at matched eps on the finest grid MLMC chose (N = V[P_L] / ((1 - theta) eps^2)), with their
@@ -18,10 +18,9 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402
-from mlmc_bench import (ROOT, TRAINED_MODELS, Scheme, log, run_mc, run_mlmc, slim, trained_model_paths,  # noqa: E402
-                        trained_target, write_result)
+from benchmarks.machine import machine_info
+from benchmarks.mlmc_bench import (ROOT, TRAINED_MODELS, label, log, make_scheme, run_mc, run_mlmc, slim,
+                                   trained_model_paths, trained_target, write_result)
 
 
 def main(argv=None) -> int:
@@ -36,7 +35,7 @@ def main(argv=None) -> int:
         ap.error("--devices: cuda asked for, but no CUDA GPU is visible")
     torch.set_num_threads(os.cpu_count() or 1)
     checkpoint, observation = trained_model_paths(args.model)
-    scheme = Scheme(grid="logsnr", coupling="naive", lmin="auto")
+    scheme = make_scheme(grid="logsnr", coupling="naive", lmin="auto")
     rows, estimates = [], {}
     for device in args.devices:
         target = trained_target(checkpoint, observation, TRAINED_MODELS[args.model], device=device)
@@ -51,7 +50,7 @@ def main(argv=None) -> int:
             f"{rows[-1]['savings_wall']:.2f}x wall")
     first = estimates[args.devices[0]]
     result = {"machine": machine_info(), "model": TRAINED_MODELS[args.model],
-              "observation": os.path.relpath(observation, ROOT), "scheme": scheme.label, "eps": args.eps,
+              "observation": os.path.relpath(observation, ROOT), "scheme": label(scheme), "eps": args.eps,
               "rows": rows,
               "max_abs_estimate_diff": {d: float(np.abs(e - first).max()) for d, e in estimates.items()}}
     write_result(args.out, result)

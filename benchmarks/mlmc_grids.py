@@ -10,10 +10,10 @@ analytic mixture problem, and exactly on the Gaussian oracle.
   benchmarks/mlmc_vs_mc.py (results/mlmc_vs_mc.json, ``digits_reference``, eps 0.003); for inpainting this
   script runs its own (--reference-eps) and keeps it in its result file for later runs.
 
-    .venv/bin/python benchmarks/mlmc_grids.py --model superres   # after mlmc_vs_mc.py and `make demo`
-    .venv/bin/python benchmarks/prepare_model.py --config configs/digits_inpaint.yaml --run-dir runs/digits_inpaint
-    .venv/bin/python benchmarks/mlmc_grids.py --model inpaint
-    .venv/bin/python benchmarks/mlmc_grids.py --model analytic
+    .venv/bin/python -m benchmarks.mlmc_grids --model superres   # after mlmc_vs_mc.py and `make demo`
+    .venv/bin/python -m benchmarks.prepare_model --config configs/digits_inpaint.yaml --run-dir runs/digits_inpaint
+    .venv/bin/python -m benchmarks.mlmc_grids --model inpaint
+    .venv/bin/python -m benchmarks.mlmc_grids --model analytic
   Each writes results/mlmc_grids_<model>.json, rewritten after every scheme (--append adds to it). The
   committed results ran, in this order of schemes:
     --model inpaint --schemes logsnr/naive/auto logsnr/jacobian/auto uniform/naive/auto logsnr/weighted/auto
@@ -29,19 +29,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402
-from mlmc_bench import (  # noqa: E402
-    ROOT, TRAINED_MODELS, Scheme, analytic_target, log, run_mc, run_mlmc, slim, trained_model_paths, trained_target,
-    write_result)
+from benchmarks.machine import machine_info
+from benchmarks.mlmc_bench import (
+    ROOT, TRAINED_MODELS, analytic_target, label, log, make_scheme, run_mc, run_mlmc, slim, trained_model_paths,
+    trained_target, write_result)
 
-from lightning_mlmc.gaussian_oracle import GaussianOracle  # noqa: E402
-from lightning_mlmc.problems import AnalyticSpec, gaussian_inpaint_spec  # noqa: E402
+from lightning_mlmc.gaussian_oracle import GaussianOracle
+from lightning_mlmc.problems import AnalyticSpec, gaussian_inpaint_spec
 
 GRIDS = [("uniform", 7.0), ("polynomial", 2.0), ("logsnr", 7.0), ("edm", 7.0)]
 
@@ -50,14 +48,14 @@ def oracle_rows(levels=range(1, 11)) -> list[dict]:
     oracle = GaussianOracle(gaussian_inpaint_spec(4, 4))
     rows = []
     for grid, rho in GRIDS:
-        scheme = Scheme(grid=grid, rho=rho)
+        scheme = make_scheme(grid=grid, rho=rho)
         for coupling in ("weighted", "naive", "jacobian"):
             mean, var = [], []
             for level in levels:
                 m, v, _ = oracle.level_moments(level, coupling=coupling, grid=scheme.time_grid())
                 mean.append(float(m.pow(2).mean().sqrt()))
                 var.append(float(v.mean()))
-            rows.append({"grid": scheme.label.split("/")[0], "coupling": coupling, "levels": list(levels),
+            rows.append({"grid": label(scheme).split("/")[0], "coupling": coupling, "levels": list(levels),
                          "mean_l": mean, "V_l": var,
                          "beta_fine": float(-np.polyfit(list(levels)[-4:], np.log2(var[-4:]), 1)[0]),
                          "alpha_fine": float(-np.polyfit(list(levels)[-4:], np.log2(mean[-4:]), 1)[0])})
@@ -71,7 +69,7 @@ def scheme_rows(target, schemes, eps_list, n0: int) -> list[dict]:
         for eps in eps_list:
             ml = run_mlmc(target, scheme, eps, seed=0, n0=n0)
             mc = run_mc(target, scheme, eps, ml["L"], ml["var_fine"][-1], seed=1000)
-            row = {"scheme": scheme.label, "eps": eps, "lmin": ml["lmin"], "L": ml["L"], "alpha": ml["alpha"],
+            row = {"scheme": label(scheme), "eps": eps, "lmin": ml["lmin"], "L": ml["L"], "alpha": ml["alpha"],
                    "beta": ml["beta"], "mlmc_nfe": ml["nfe"], "mc_nfe": mc["nfe"],
                    "savings_measured": mc["nfe"] / ml["nfe"], "savings_predicted": ml["savings_predicted"],
                    "mlmc_error": ml["error"], "mc_error": mc["error"], "rmse_bound": ml["rmse_bound"],
@@ -86,14 +84,14 @@ def scheme_rows(target, schemes, eps_list, n0: int) -> list[dict]:
 # uniform grid (the most expensive: it needs the most levels) and the seed's scheme (uniform, weighted, fixed
 # Lmin 3). The file is rewritten after every scheme, so a cut-short run keeps its rows.
 SCHEMES = {
-    "logsnr/jacobian/auto": Scheme("logsnr", "jacobian"), "uniform/jacobian/auto": Scheme("uniform", "jacobian"),
-    "logsnr/naive/auto": Scheme("logsnr", "naive"), "logsnr/weighted/auto": Scheme("logsnr", "weighted"),
-    "logsnr/naive/3": Scheme("logsnr", "naive", lmin=3), "logsnr/naive/auto/M4": Scheme("logsnr", "naive", M=4),
-    "edm/naive/auto": Scheme("edm", "naive"), "polynomial/naive/auto": Scheme("polynomial", "naive", rho=2.0),
-    "uniform/naive/auto": Scheme("uniform", "naive"), "uniform/weighted/3": Scheme("uniform", "weighted", lmin=3),
+    "logsnr/jacobian/auto": make_scheme("logsnr", "jacobian"), "uniform/jacobian/auto": make_scheme("uniform", "jacobian"),
+    "logsnr/naive/auto": make_scheme("logsnr", "naive"), "logsnr/weighted/auto": make_scheme("logsnr", "weighted"),
+    "logsnr/naive/3": make_scheme("logsnr", "naive", lmin=3), "logsnr/naive/auto/M4": make_scheme("logsnr", "naive", M=4),
+    "edm/naive/auto": make_scheme("edm", "naive"), "polynomial/naive/auto": make_scheme("polynomial", "naive", rho=2.0),
+    "uniform/naive/auto": make_scheme("uniform", "naive"), "uniform/weighted/3": make_scheme("uniform", "weighted", lmin=3),
 }
 MODELS = {**TRAINED_MODELS, "analytic": "analytic inpaint4x4 (two-component Gaussian mixture, exact score)"}
-REFERENCE_SCHEME = Scheme("logsnr", "naive")
+REFERENCE_SCHEME = make_scheme("logsnr", "naive")
 ANALYTIC_SPEC = os.path.join(ROOT, "examples", "inpaint4x4.json")
 
 

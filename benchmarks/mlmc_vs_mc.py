@@ -6,8 +6,8 @@ posterior second moment (analytic inpainting, examples/inpaint4x4.json) or again
 run at ``--reference-eps`` (trained digits super-resolution model; the reference's own rmse_bound is
 recorded). Also the fraction of MLMC wall time spent inside the network (timer around every call).
 
-    .venv/bin/python benchmarks/mlmc_vs_mc.py                      # both problems, writes results/mlmc_vs_mc.json
-    .venv/bin/python benchmarks/mlmc_vs_mc.py --problems analytic  # seconds; no trained model needed
+    .venv/bin/python -m benchmarks.mlmc_vs_mc                      # both problems, writes results/mlmc_vs_mc.json
+    .venv/bin/python -m benchmarks.mlmc_vs_mc --problems analytic  # seconds; no trained model needed
 
 The digits rows need a trained model: ``make demo`` writes runs/digits_superres/export and observation_0.npz.
 """
@@ -17,20 +17,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402
-from mlmc_bench import (ROOT, Scheme, analytic_target, log, run_mc, run_mlmc, slim, summarise,  # noqa: E402
-                        trained_target, write_result)
+from benchmarks.machine import machine_info
+from benchmarks.mlmc_bench import (ROOT, analytic_target, label, log, make_scheme, run_mc, run_mlmc, slim,
+                                   summarise, trained_target, write_result)
 
-from lightning_mlmc.problems import AnalyticSpec  # noqa: E402
+from lightning_mlmc.mlmc import MLMCConfig
+from lightning_mlmc.problems import AnalyticSpec
 
 
-def compare(target, scheme: Scheme, eps_list, repeats: int, n0: int) -> list[dict]:
+def compare(target, scheme: MLMCConfig, eps_list, repeats: int, n0: int) -> list[dict]:
     rows = []
     for eps in eps_list:
         ml = [run_mlmc(target, scheme, eps, seed, n0=n0) for seed in range(repeats)]
@@ -38,7 +37,7 @@ def compare(target, scheme: Scheme, eps_list, repeats: int, n0: int) -> list[dic
         mc = [run_mc(target, scheme, eps, r["L"], r["var_fine"][-1], 1000 + i) for i, r in enumerate(ml)]
         sm, sc = summarise(ml), summarise(mc)
         row = {
-            "problem": target.name, "scheme": scheme.label, "eps": eps, "repeats": repeats, "L": [r["L"] for r in ml],
+            "problem": target.name, "scheme": label(scheme), "eps": eps, "repeats": repeats, "L": [r["L"] for r in ml],
             "lmin": [r["lmin"] for r in ml], "mlmc_nfe": sm["nfe_mean"], "mc_nfe": sc["nfe_mean"],
             "savings_measured": sc["nfe_mean"] / sm["nfe_mean"],
             "savings_predicted": float(np.mean([r["savings_predicted"] for r in ml])),
@@ -74,9 +73,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "mlmc_vs_mc.json"))
     args = ap.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    scheme = Scheme(grid=args.grid, coupling=args.coupling, lmin=args.lmin if args.lmin == "auto" else int(args.lmin),
+    scheme = make_scheme(grid=args.grid, coupling=args.coupling, lmin=args.lmin if args.lmin == "auto" else int(args.lmin),
                     M=args.M)
-    out = {"machine": machine_info(), "scheme": scheme.label, "theta": 0.25, "rows": []}
+    out = {"machine": machine_info(), "scheme": label(scheme), "theta": 0.25, "rows": []}
     problems = args.problems.split(",")
     if "analytic" in problems:
         spec = AnalyticSpec.load(os.path.join(ROOT, "examples", "inpaint4x4.json"))

@@ -1,7 +1,7 @@
 """Picard-parallel sampling against the sequential sampler, side by side in one run.
 
-    python benchmarks/picard.py [--samples 64]
-    python benchmarks/picard.py --skip-analytic --digits-steps 1000 --digits-samples 4 \
+    python -m benchmarks.picard [--samples 64]
+    python -m benchmarks.picard --skip-analytic --digits-steps 1000 --digits-samples 4 \
         --out benchmarks/results/picard_digits_1000.json
 
 Analytic problem (examples/inpaint4x4.json, exact score): 100- and 1000-step DDPM and DDIM,
@@ -19,28 +19,18 @@ is preceded by an untimed warm-up of the sequential sampler so kernel loading an
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402
+from benchmarks.machine import machine_info
 
-from lightning_mlmc import AnalyticSpec, ExactPosteriorEps, NoiseSource, sample  # noqa: E402
-from lightning_mlmc.module import load_score_module  # noqa: E402
-from lightning_mlmc.picard import piadm_sample, piadm_times, picard_sample  # noqa: E402
+from lightning_mlmc import AnalyticSpec, ExactPosteriorEps, NoiseSource, sample
+from lightning_mlmc.module import load_score_module
+from lightning_mlmc.picard import piadm_sample, piadm_times, picard_sample
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class _Fixed:
-    def __init__(self, times):
-        self._t = times
-
-    def times(self, n, t_start=1.0, schedule=None):
-        return self._t
 
 
 def timed(device, run):
@@ -78,8 +68,7 @@ def run_problem(problem, model, y, shape, rows, dtype=torch.float64, steps_list=
         # PIADM: 8 blocks x 12 points (+ Tweedie); reference = sequential on the same grid.
         blocks, points = 8, 12
         times = piadm_times(blocks, points)
-        ref, seq_wall = timed(device, lambda: sample(model, y, noise(), steps=len(times) - 1, sampler=sampler,
-                                                     grid=_Fixed(times)).samples)
+        ref, seq_wall = timed(device, lambda: sample(model, y, noise(), times=times, sampler=sampler).samples)
         for k in (1, 2, 4, 8):
             out, wall = timed(device, lambda: piadm_sample(model, y, noise(), blocks=blocks, points=points,
                                                            sweeps=k, sampler=sampler))

@@ -1,6 +1,6 @@
 """Train (or reuse) a digits model for the MLMC benchmarks and write its inputs.
 
-    .venv/bin/python benchmarks/prepare_model.py --config configs/digits_inpaint.yaml --run-dir runs/digits_inpaint
+    .venv/bin/python -m benchmarks.prepare_model --config configs/digits_inpaint.yaml --run-dir runs/digits_inpaint
 
 Trains the config with LightningCLI (W&B offline) unless RUN_DIR/checkpoints/last.ckpt exists, exports the
 EMA model as a diffusers folder (RUN_DIR/export) and writes the first four validation observations as
@@ -12,14 +12,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import yaml
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-from demo import export_run, train  # noqa: E402
+from lightning_mlmc.demo import export_run, train
 
 
 def main(argv=None) -> int:

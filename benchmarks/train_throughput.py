@@ -1,6 +1,6 @@
 """Training-step time of ``ScoreModule`` under a Lightning Trainer against a plain PyTorch loop.
 
-    python benchmarks/train_throughput.py [--steps 60] [--repeats 3] [--batch-size 128]
+    python -m benchmarks.train_throughput [--steps 60] [--repeats 3] [--batch-size 128]
 
 Both run the same UNet (configs/digits_superres.yaml sizes), the same batches from the same
 DataLoader, the same loss (``ScoreModule.dsm_loss``), AdamW with the same warm-up schedule, on the same
@@ -17,18 +17,16 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 
 import pytorch_lightning as pl
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from machine import machine_info  # noqa: E402
+from benchmarks.machine import machine_info
 
-from callbacks import FusedEMA  # noqa: E402
-from datamodules import DigitsDataModule  # noqa: E402
-from lightning_mlmc.module import ScoreModule  # noqa: E402
+from callbacks import FusedEMA
+from datamodules import DigitsDataModule
+from lightning_mlmc.module import ScoreModule
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPERATOR = {"name": "superres", "factor": 2, "noise_std": 0.05}

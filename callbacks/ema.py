@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging, WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
+from typing_extensions import override
 
 from lightning_mlmc.errors import InputError
 
@@ -40,6 +41,7 @@ class FusedEMA(EMAWeightAveraging):
         self.update_starting_at_epoch = update_starting_at_epoch
 
     @property
+    @override
     def state_key(self) -> str:
         # Lightning's key: checkpoints of runs made with EMAWeightAveraging resume with FusedEMA and back.
         return EMAWeightAveraging.__qualname__

@@ -8,15 +8,13 @@ from typing import Literal
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from typing_extensions import override
 
-from callbacks import uq_logging
-from lightning_mlmc.diffusion import COUPLINGS
+import callbacks.uq_logging as uq_logging
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
-from lightning_mlmc.figures import uq_map, zscore_histogram
-from lightning_mlmc.mlmc import CoupledLevelSampler, make_payoff, mlmc, mlmc_test
-from lightning_mlmc.mlmc_cli import plot_levels
+from lightning_mlmc.figures import plot_levels, uq_map, zscore_histogram
+from lightning_mlmc.mlmc import MLMCConfig, run_mlmc, run_mlmc_test
 from lightning_mlmc.posterior import coverage, psnr, ssim
-from lightning_mlmc.schedule import TimeGrid
 
 
 class MLMCCallback(uq_logging.ValidationUQCallback):
@@ -57,8 +55,10 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
 
     def __init__(self, eps: float = 0.1, observations: int = 2, every_n_epochs: int = 1, M: int = 2,
                  lmin: int | Literal["auto"] = 2, lmax: int = 6, n0: int = 32,
-                 sampler: Literal["ddpm", "ddim"] = "ddpm", grid: str = "uniform", rho: float | None = None,
-                 coupling: Literal["naive", "weighted", "jacobian"] = "naive", data_std: float = 0.5, seed: int = 0, batch_size: int = 512, clip: float | None = 2.0,
+                 sampler: Literal["ddpm", "ddim"] = "ddpm",
+                 grid: Literal["uniform", "polynomial", "logsnr", "edm"] = "uniform", rho: float | None = None,
+                 coupling: Literal["naive", "weighted", "jacobian"] = "naive", data_std: float = 0.5, seed: int = 0,
+                 batch_size: int = 512, clip: float | None = 2.0,
                  rates: Literal["adaptive", "mlmc_test"] = "adaptive", rate_samples: int = 200):
         if not eps > 0:
             raise InputError(f"eps: expected a positive number, got {eps}")
@@ -66,36 +66,20 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             raise InputError(f"observations: expected at least 1 validation observation, got {observations}")
         if every_n_epochs < 1:
             raise InputError(f"every_n_epochs: expected >= 1, got {every_n_epochs}")
-        if int(M) != M or M < 2:
-            raise InputError(f"M: expected an integer >= 2, got {M}")
-        if lmin == "auto":
-            if lmax < 1 or rates == "mlmc_test":
-                raise InputError("lmin: 'auto' needs lmax >= 1 and rates: adaptive")
-        elif not (isinstance(lmin, int) and 0 <= lmin <= lmax):
-            raise InputError(f"lmin/lmax: expected 0 <= lmin <= lmax or lmin 'auto', got {lmin} and {lmax}")
-        if coupling not in COUPLINGS:
-            raise InputError(f"coupling: expected one of {', '.join(COUPLINGS)}, got {coupling!r}")
-        if not data_std > 0:
-            raise InputError(f"data_std: expected a positive number, got {data_std}")
-        self.grid = TimeGrid(grid, rho=rho if rho is not None else (2.0 if grid == "polynomial" else 7.0))
-        self.coupling, self.data_std = coupling, float(data_std)
-        if n0 < 2:
-            raise InputError(f"n0: expected >= 2 pilot samples, got {n0}")
-        if sampler not in ("ddpm", "ddim"):
-            raise InputError(f"sampler: expected ddpm or ddim, got {sampler!r}")
-        self.eps, self.observations, self.every_n_epochs = float(eps), int(observations), int(every_n_epochs)
-        self.M, self.lmin, self.lmax, self.n0 = int(M), lmin if lmin == "auto" else int(lmin), int(lmax), int(n0)
-        if clip is not None and not clip > 0:
-            raise InputError(f"clip: expected a positive number or null, got {clip}")
         if rates not in ("adaptive", "mlmc_test"):
             raise InputError(f"rates: expected adaptive or mlmc_test, got {rates!r}")
-        if rates == "mlmc_test" and (rate_samples < 2 or lmax <= lmin):
-            raise InputError("rates: mlmc_test needs rate_samples >= 2 and lmax > lmin")
-        self.sampler, self.seed, self.batch_size, self.clip = sampler, int(seed), int(batch_size), clip
+        if rates == "mlmc_test" and (rate_samples < 2 or lmin == "auto"):
+            raise InputError("rates: mlmc_test needs rate_samples >= 2 and a fixed lmin (not 'auto')")
+        # Everything else is the command line's MLMC configuration, validated there.
+        self.config = MLMCConfig(grid=grid, rho=rho, coupling=coupling, data_std=data_std, sampler=sampler, M=M,
+                                 lmin=lmin, lmax=lmax, n0=n0, payoff="moments", clip=clip, batch_size=batch_size,
+                                 seed=seed)
+        self.eps, self.observations, self.every_n_epochs = float(eps), int(observations), int(every_n_epochs)
         self.rates, self.rate_samples = rates, int(rate_samples)
         self.last_tests: list = []
         self.last_results: list = []
 
+    @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         truth, y = uq_logging.validation_observations(trainer, self.observations)
         was_training = pl_module.training
@@ -112,15 +96,12 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         return {}
 
     def _estimate(self, pl_module, y, i):
-        shape = tuple(pl_module.operator.shape)
-        sampler = CoupledLevelSampler(pl_module.model, y, shape, M=self.M, lmin=0 if self.lmin == "auto" else self.lmin,
-                                      sampler=self.sampler, grid=self.grid, coupling=self.coupling, data_std=self.data_std, payoff=make_payoff("moments", self.clip), seed=self.seed + i, dtype=torch.float32,
-                                      device=pl_module.device)
+        levels = self.config.level_sampler(pl_module.model, y, tuple(pl_module.operator.shape), dtype=torch.float32,
+                                           device=pl_module.device, seed=self.config.seed + i)
         if self.rates == "mlmc_test":
-            self.last_tests.append(mlmc_test(sampler, self.lmax, self.rate_samples, batch_size=self.batch_size))
+            self.last_tests.append(run_mlmc_test(self.config, levels, self.config.lmax, self.rate_samples))
         try:
-            return mlmc(sampler, self.eps, M=self.M, lmin=self.lmin, lmax=self.lmax, n0=self.n0,
-                        cost_fn=sampler.cost, batch_size=self.batch_size, pixels=sampler.pixels)
+            return run_mlmc(self.config, levels, self.eps)
         except WeakConvergenceFailure as e:  # keep the estimate; it is flagged as not converged
             return e.result
 
@@ -153,11 +134,10 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
                     for i, t in enumerate(self.last_tests) for row in t.rows]
             columns = ["observation", "level", "n_samples", "mean", "var", "cost", "kurtosis", "check"]
         else:
-            rows = [[i, lv["level"], lv["n_samples"], lv["mean"], lv["var"], lv["cost"]]
-                    for i, r in enumerate(results) for lv in r.levels]
+            rows = [[i, lv.level, lv.n_samples, lv.mean, lv.var, lv.cost] for i, r in enumerate(results) for lv in r.levels]
             columns = ["observation", "level", "n_samples", "mean", "var", "cost"]
         uq_logging.log_table(trainer, "mlmc/levels", columns, rows)
-        plots = plot_levels(results[0].levels, os.path.join(folder, "mlmc_convergence"), M=self.M)
+        plots = plot_levels(results[0].levels, os.path.join(folder, "mlmc_convergence"), M=self.config.M)
         uq_logging.log_images(trainer, "mlmc/convergence", plots[:2])
         if truth.dim() == 4:
             obs_img = pl_module.operator.condition(y.to(pl_module.device).float())[:, : truth.shape[1]].cpu()

@@ -7,12 +7,13 @@ from typing import Literal
 
 import pytorch_lightning as pl
 import torch
+from typing_extensions import override
 
-from callbacks import uq_logging
+import callbacks.uq_logging as uq_logging
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.figures import residual_plot
 from lightning_mlmc.picard import picard_sample
-from lightning_mlmc.sampling import NoiseSource, sample
+from lightning_mlmc.sampling import NoiseSource, check_sampler, sample
 
 
 class PicardCallback(uq_logging.ValidationUQCallback):
@@ -40,8 +41,7 @@ class PicardCallback(uq_logging.ValidationUQCallback):
             raise InputError(f"tol: expected a positive number, got {tol}")
         if anderson < 0:
             raise InputError(f"anderson: expected >= 0, got {anderson}")
-        if sampler not in ("ddpm", "ddim"):
-            raise InputError(f"sampler: expected ddpm or ddim, got {sampler!r}")
+        check_sampler(sampler)
         if observations < 1 or samples_per_observation < 1:
             raise InputError("observations/samples_per_observation: expected at least 1 of each")
         if every_n_epochs < 1:
@@ -50,6 +50,7 @@ class PicardCallback(uq_logging.ValidationUQCallback):
         self.sampler, self.observations, self.samples = sampler, int(observations), int(samples_per_observation)
         self.every_n_epochs, self.seed = int(every_n_epochs), int(seed)
 
+    @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
         if not trainer.is_global_zero:
             return {}

@@ -7,6 +7,7 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, TensorDataset
+from typing_extensions import override
 
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.operators import Operator, operator_from_config
@@ -70,6 +71,7 @@ class InverseProblemDataModule(pl.LightningDataModule, abc.ABC):
     def load_splits(self) -> tuple[Tensor, Tensor, Tensor]:
         """The clean (train, val, test) images, each (N, *image_shape) in [-1, 1]."""
 
+    @override
     def setup(self, stage: str | None = None) -> None:
         if self._splits is not None:
             return
@@ -86,6 +88,7 @@ class InverseProblemDataModule(pl.LightningDataModule, abc.ABC):
         self.setup()
         return self._splits[name]
 
+    @override
     def train_dataloader(self) -> DataLoader:
         return DataLoader(TensorDataset(self.split("train")), batch_size=self.batch_size, shuffle=True,
                           drop_last=len(self.split("train")) >= self.batch_size, num_workers=self.num_workers,
@@ -95,12 +98,15 @@ class InverseProblemDataModule(pl.LightningDataModule, abc.ABC):
         return DataLoader(TensorDataset(self.split(name), self._observed[name]), batch_size=self.batch_size,
                           num_workers=self.num_workers)
 
+    @override
     def val_dataloader(self) -> DataLoader:
         return self._fixed_loader("val")
 
+    @override
     def test_dataloader(self) -> DataLoader:
         return self._fixed_loader("test")
 
+    @override
     def predict_dataloader(self) -> DataLoader:
         return self._fixed_loader("val")
 

@@ -2,12 +2,12 @@
 
 from lightning_mlmc.diffusion import (
     StepCoefficients,
-    coarse_noise_weights,
-    drift_increment,
+    advance,
     eps_to_score,
     eps_to_x0,
     score_to_eps,
     step_coefficients,
+    step_increment,
     x0_to_eps,
 )
 from lightning_mlmc.errors import InputError, NumericalError, WeakConvergenceFailure
@@ -25,8 +25,17 @@ from lightning_mlmc.sampling import (
 )
 from lightning_mlmc.schedule import TimeGrid, VPSchedule, uniform_grid
 
-# Training pieces import Lightning and diffusers; load them on first use so the sampling CLI starts fast.
+# Training pieces import Lightning and diffusers; load them (and MLMC, Picard) on first use so the
+# sampling CLI starts fast.
 _LAZY = {
+    "MLMCConfig": "lightning_mlmc.mlmc",
+    "CoupledLevelSampler": "lightning_mlmc.mlmc",
+    "UserLevels": "lightning_mlmc.mlmc",
+    "coarse_noise_weights": "lightning_mlmc.mlmc",
+    "mlmc": "lightning_mlmc.mlmc",
+    "mlmc_test": "lightning_mlmc.mlmc",
+    "run_mlmc": "lightning_mlmc.mlmc",
+    "picard_sample": "lightning_mlmc.picard",
     "ScoreModule": "lightning_mlmc.module",
     "ScoreModel": "lightning_mlmc.module",
     "load_score_module": "lightning_mlmc.module",
@@ -64,8 +73,7 @@ __all__ = [*_LAZY,
     "TimeGrid",
     "VPSchedule",
     "WeakConvergenceFailure",
-    "coarse_noise_weights",
-    "drift_increment",
+    "advance",
     "eps_to_score",
     "eps_to_x0",
     "exact_posterior",
@@ -77,6 +85,7 @@ __all__ = [*_LAZY,
     "sample_ddpm",
     "score_to_eps",
     "step_coefficients",
+    "step_increment",
     "uniform_grid",
     "x0_to_eps",
 ]

@@ -1,7 +1,7 @@
 """Reverse-step coefficients of the VP exponential integrator and the eps / score / x0 conversions.
 
-One reverse step t -> s < t (DESIGN.md section 2), written as an increment so that the sequential
-sampler, MLMC's coupled paths and Picard's cumulative sums all use the same arithmetic:
+One reverse step t -> s < t (DESIGN.md section 2), written once as an increment (``step_increment``) so
+that the sequential sampler, MLMC's coupled paths, PIADM and Picard's cumulative sums share its arithmetic:
 
     x_s = x_t + (a - 1) x_t + c_eps eps_hat(x_t, y, t) + c_noise xi,        a = m_s / m_t.
 
@@ -14,13 +14,10 @@ At s = 0 both are Tweedie's formula x0_hat = (x_t - sigma_t eps_hat) / m_t.
 
 from __future__ import annotations
 
-import math
-
 from dataclasses import dataclass
 
 import torch
 
-from lightning_mlmc.errors import InputError
 from lightning_mlmc.schedule import VPSchedule
 
 Tensor = torch.Tensor
@@ -72,7 +69,6 @@ class StepCoefficients:
     kappa: Tensor
     mean_t: Tensor
     sigma_t: Tensor
-    stochastic: bool
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -107,60 +103,30 @@ def step_coefficients(times: Tensor, stochastic: bool, schedule: VPSchedule | No
         kappa=kappa,
         mean_t=torch.exp(lm_t),
         sigma_t=sig_t,
-        stochastic=stochastic,
     )
 
 
-def drift_increment(x: Tensor, eps: Tensor, a_minus_1: Tensor, c_eps: Tensor) -> Tensor:
-    """The deterministic part of one step's increment, (a - 1) x + c_eps eps.
-
-    ``a_minus_1`` and ``c_eps`` are scalars or tensors broadcastable against ``x`` (a Picard window
-    passes one coefficient per row). The single step function that every sampler shares.
-    """
-    return a_minus_1.to(x.dtype) * x + c_eps.to(x.dtype) * eps
-
-
-def _bcast(c: Tensor, x: Tensor) -> Tensor:
-    """Reshape a per-row coefficient (shape (B,)) to broadcast against x (shape (B, ...))."""
+def per_row(c: Tensor, x: Tensor) -> Tensor:
+    """A coefficient (a 0-d scalar or one value per row, shape (B,)) in x's dtype, shaped to broadcast
+    against x (shape (B, ...))."""
+    c = c.to(x.dtype)
     return c.reshape(c.shape + (1,) * (x.dim() - c.dim()))
 
 
-COUPLINGS = ("naive", "weighted", "jacobian")
+def step_increment(x: Tensor, eps: Tensor, a_minus_1: Tensor, c_eps: Tensor, noise: Tensor | None = None) -> Tensor:
+    """The increment of one reverse step, (a - 1) x + c_eps eps_hat + noise (DESIGN.md section 2).
 
-
-def coarse_noise_weights(fine, j: int, M: int, coupling: str, data_std: float = 0.5) -> Tensor:
-    """Weights w (shape (M,), sum w_i^2 = 1) with xi_coarse = sum_i w_i xi_fine_i for coarse step j.
-
-    Fine noise i enters the fine path at sub-step i and is carried to the end of the coarse step by the
-    later sub-steps; the coupling that correlates the coarse noise best with what the fine path
-    accumulated weights it by c_i times the later sub-steps' Jacobians d x_(r+1) / d x_r.
-
-    - ``weighted`` (the seed's): Jacobians kappa_r, the DDPM posterior mean's x_t-coefficient with x0_hat
-      held fixed; then the coarse noise term c_coarse xi_coarse has exactly the variance the fine noises
-      contribute, which telescopes to the coarse step's own.
-    - ``jacobian``: the full step's Jacobian a_r + c_eps,r d eps_hat / d x when the data are Gaussian with
-      per-pixel standard deviation ``data_std`` (eps_hat = sigma_t x / (m_t^2 data_std^2 + sigma_t^2));
-      data_std -> 0 gives ``weighted``, and a large data_std nearly equal weights.
-    - ``naive``: w_i = 1/sqrt(M).
+    The single step function every sampler shares: the sequential sampler, MLMC's coupled paths and PIADM
+    add it to x one step at a time (``advance``), Picard sums it over a window. ``a_minus_1`` and ``c_eps``
+    are scalars (0-d tensors) or one value per row (shape (B,)); ``noise`` is the step's noise term
+    c_noise xi, already scaled (None for a deterministic step).
     """
-    if coupling == "naive":
-        return torch.full((M,), M**-0.5, dtype=torch.float64)
-    if coupling not in COUPLINGS:
-        raise InputError(f"coupling: expected one of {', '.join(COUPLINGS)}, got {coupling!r}")
-    idx = slice(j * M, (j + 1) * M)
-    c = fine.noise[idx]
-    if coupling == "weighted":
-        jac = fine.kappa[idx]
-    else:
-        if not (math.isfinite(data_std) and data_std >= 0):
-            raise InputError(f"data_std: expected a finite number >= 0, got {data_std}")
-        m, sig = fine.mean_t[idx], fine.sigma_t[idx]
-        jac = 1.0 + fine.a_minus_1[idx] + fine.eps[idx] * sig / (m**2 * data_std**2 + sig**2)
-    later = torch.ones(M, dtype=torch.float64)
-    for i in range(M - 2, -1, -1):
-        later[i] = later[i + 1] * jac[i + 1]
-    w = c * later
-    norm = torch.sqrt((w**2).sum())
-    if norm == 0:
-        return torch.full((M,), M**-0.5, dtype=torch.float64)
-    return w / norm
+    inc = per_row(a_minus_1, x) * x + per_row(c_eps, x) * eps
+    return inc if noise is None else inc + noise
+
+
+def advance(x: Tensor, eps: Tensor, coef: StepCoefficients, k: int, xi: Tensor | None = None) -> Tensor:
+    """x_(k+1) = x_k + the increment of step k of ``coef``, given the network output ``eps`` at (x_k, t_k)
+    and the step's standard normal draw ``xi`` (None, or ignored, where the step injects no noise)."""
+    noise = coef.noise[k].to(x.dtype) * xi if xi is not None and coef.noise[k] > 0 else None
+    return x + step_increment(x, eps, coef.a_minus_1[k], coef.eps[k], noise)

@@ -1,4 +1,5 @@
-"""PNG figures of posterior UQ: one row per observation, truth | y | samples | mean | pixel std."""
+"""PNG figures: posterior UQ panels (one row per observation: truth | y | samples | mean | pixel std), the
+Picard residual plot and the MLMC convergence plots."""
 
 from __future__ import annotations
 
@@ -99,3 +100,59 @@ def residual_plot(path: str, residuals: list[float], tol: float) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_levels(levels, folder: str, M: int = 2, complexity=None, samples: list[int] | None = None) -> list[str]:
+    """The four MLMC plots as PNG: V_l and V[P_l]; mean_l and E[P_l]; N_l per eps; cost against eps.
+
+    ``levels`` are level statistics (``LevelStats`` of a result, or ``ConvergenceRow`` of ``mlmc_test``
+    with ``samples`` per row), ``complexity`` the ``ComplexityRow`` s of ``mlmc_test``.
+    """
+    import math
+    import os
+
+    plt = _plt()
+    os.makedirs(folder, exist_ok=True)
+    ls = [d.level for d in levels]
+    log = lambda v: math.log(max(v, 1e-300), M)  # noqa: E731
+    counts = samples if samples is not None else [d.n_samples for d in levels]
+    paths = []
+
+    for key, title, name in (("var", "V_l", "variance.png"), ("mean", "mean_l", "mean.png")):
+        fig, ax = plt.subplots(figsize=(4.5, 3.5))
+        ax.plot(ls[1:], [log(getattr(d, key)) for d in levels[1:]], "o-", label="P_l - P_(l-1)")
+        ax.plot(ls, [log(getattr(d, f"{key}_fine")) for d in levels], "s--", label="P_l")
+        ax.set(xlabel="level l", ylabel=f"log_{M} {'variance' if key == 'var' else '|mean|'}", title=title)
+        ax.legend()
+        paths.append(_save_figure(fig, folder, name))
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    runs = [(c.eps, c.N_l) for c in complexity] if complexity else [(None, counts)]
+    for eps, nl in runs:
+        ax.semilogy(range(ls[0], ls[0] + len(nl)), nl, "o-", label=f"eps = {eps}" if eps else "N_l")
+    ax.set(xlabel="level l", ylabel="N_l", title="samples per level")
+    ax.legend()
+    paths.append(_save_figure(fig, folder, "samples.png"))
+
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    if complexity:
+        e = [c.eps for c in complexity]
+        ax.loglog(e, [c.eps**2 * c.mlmc_cost for c in complexity], "o-", label="MLMC")
+        ax.loglog(e, [c.eps**2 * c.std_cost for c in complexity], "s--", label="MC")
+        ax.set(xlabel="eps", ylabel="eps^2 x cost (NFE)", title="cost")
+        ax.legend()
+    else:
+        ax.bar(ls, [n * d.cost for n, d in zip(counts, levels)])
+        ax.set(xlabel="level l", ylabel="NFEs", title="cost per level")
+    paths.append(_save_figure(fig, folder, "cost.png"))
+    return paths
+
+
+def _save_figure(fig, folder: str, name: str) -> str:
+    import os
+
+    path = os.path.join(folder, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    _plt().close(fig)
+    return path

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_mlmc.diffusion import coarse_noise_weights, step_coefficients
+from lightning_mlmc.diffusion import step_coefficients
+from lightning_mlmc.mlmc.coupling import coarse_noise_weights
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.problems import AnalyticSpec, exact_posterior
 from lightning_mlmc.sampling import StartDistribution, gaussian_start

@@ -5,7 +5,8 @@ MLMC and Picard use: ``model(x_t, y, t) -> eps_hat``, the same call as the exact
 ``ExactPosteriorEps``. Training draws t ~ U[t_min, 1], eps ~ N(0, I), x_t = m(t) x_0 + sigma(t) eps and
 regresses eps (per-sample mean squared error, reduced here).
 
-EMA weights come from Lightning's ``EMAWeightAveraging`` callback (configured in the YAML files): it
+EMA weights come from an EMA callback (the configs use ``callbacks.FusedEMA``, Lightning's
+``EMAWeightAveraging`` with one fused update per step): it
 swaps the averaged weights in for validation, copies them into the module at the end of training, and
 writes them as the checkpoint's ``state_dict`` (the raw weights and the averaging state ride along, so a
 resume continues both). Sampling, export and ``load_score_module`` therefore all see the EMA weights.
@@ -23,6 +24,7 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
+from typing_extensions import override
 
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.networks import MLPEps, unet_eps, unet_for
@@ -155,6 +157,7 @@ class ScoreModule(pl.LightningModule):
     def schedule(self) -> VPSchedule:
         return self.model.schedule
 
+    @override
     def forward(self, x_t: Tensor, y: Tensor, t: Tensor) -> Tensor:
         return self.model(x_t, y, t)
 
@@ -182,15 +185,19 @@ class ScoreModule(pl.LightningModule):
                  sync_dist=stage != "train", batch_size=x0.shape[0])
         return loss
 
+    @override
     def training_step(self, batch, batch_idx):
         return self._common_step(batch, batch_idx, "train")
 
+    @override
     def validation_step(self, batch, batch_idx):
         return self._common_step(batch, batch_idx, "val")
 
+    @override
     def test_step(self, batch, batch_idx):
         return self._common_step(batch, batch_idx, "test")
 
+    @override
     def predict_step(self, batch, batch_idx):
         """Posterior mean by one 100-step DDIM sample per observation (use the CLI for real UQ)."""
         from lightning_mlmc.sampling import NoiseSource, sample
@@ -199,6 +206,7 @@ class ScoreModule(pl.LightningModule):
         noise = NoiseSource(batch_idx, tuple(x0.shape), dtype=x0.dtype, device=x0.device)
         return sample(self.model, y, noise, steps=100, sampler="ddim").samples
 
+    @override
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         warmup = max(1, self.hparams.warmup_steps)

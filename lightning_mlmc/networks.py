@@ -100,8 +100,3 @@ class MLPEps(ModelMixin, ConfigMixin):
         for block in self.blocks:
             h = h + block(h + temb)
         return self.out(h).reshape(x_t.shape)
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-

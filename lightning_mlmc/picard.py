@@ -22,16 +22,20 @@ import time
 
 import torch
 
-from lightning_mlmc.diffusion import _bcast, drift_increment, step_coefficients
+from lightning_mlmc.diffusion import step_coefficients, step_increment
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.sampling import (
     Model,
     NoiseSource,
     SampleOutput,
     StartDistribution,
+    Streams,
     batch_obs,
+    call_model,
     check_finite,
+    check_sampler,
     gaussian_start,
+    grid_times,
 )
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
@@ -72,10 +76,9 @@ class _Window:
         flat = xs.reshape(p * self.batch, *xs.shape[2:])
         t = self.t[j:end].repeat_interleave(self.batch)
         y = None if self.y is None else self.y.repeat(p, *([1] * (self.y.dim() - 1)))
-        eps = self.model(flat, y, t).reshape(xs.shape)
-        inc = drift_increment(xs, eps, _bcast(self.a_minus_1[j:end], xs), _bcast(self.c_eps[j:end], xs))
-        if self.noise is not None:
-            inc = inc + self.noise[j:end]
+        eps = call_model(self.model, flat, y, t).reshape(xs.shape)
+        inc = step_increment(xs, eps, self.a_minus_1[j:end], self.c_eps[j:end],
+                             None if self.noise is None else self.noise[j:end])
         self.nfe += p
         self.rounds += 1
         return inc
@@ -146,7 +149,7 @@ def picard_sample(
     y: Tensor | None,
     noise: NoiseSource,
     *,
-    steps: int,
+    steps: int | None = None,
     sampler: str = "ddpm",
     window: int = 16,
     tol: float = 1e-3,
@@ -154,6 +157,7 @@ def picard_sample(
     max_rounds: int | None = None,
     start: StartDistribution | None = None,
     grid: TimeGrid | None = None,
+    times: Tensor | None = None,
     schedule: VPSchedule | None = None,
 ) -> SampleOutput:
     """Sliding-window Picard iteration (ParaDiGMS) with optional triangular Anderson acceleration.
@@ -162,7 +166,7 @@ def picard_sample(
         model: eps-predictor ``model(x_t, y, t)``.
         y: observation (leading batch dim 1 or B).
         noise: the same ``NoiseSource`` the sequential sampler would use.
-        steps: grid steps n; sampler: ``"ddpm"`` or ``"ddim"``.
+        steps: grid steps n (or ``times``, the grid as data, as in ``sample``); sampler: ``"ddpm"`` or ``"ddim"``.
         window: window size p (1 reproduces the sequential sampler exactly).
         tol: convergence tolerance relative to each step's noise std.
         anderson: Anderson memory m (0 = plain Picard; ParaTAA uses 2).
@@ -172,8 +176,7 @@ def picard_sample(
         ``SampleOutput`` with rounds (sequential batched calls), nfe (sum of window sizes) and
         ``stats["residuals"]``: the per-round max error of the window, in units of tol.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise InputError(f"sampler: unknown Picard base sampler {sampler!r}; expected ddpm or ddim")
+    check_sampler(sampler)
     if int(window) != window or window < 1:
         raise InputError(f"window: expected an integer >= 1, got {window}")
     if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
@@ -182,7 +185,8 @@ def picard_sample(
         raise InputError(f"anderson: expected a memory >= 0, got {anderson}")
     schedule = schedule or VPSchedule()
     start = start or gaussian_start()
-    times = (grid or TimeGrid()).times(steps, start.t, schedule)
+    times = grid_times(steps, grid, times, start.t, schedule)
+    steps = len(times) - 1
     max_rounds = max_rounds or 2 * steps
     tic = time.perf_counter()
     w = _Window(model, y, noise, times, sampler == "ddpm", start, schedule)
@@ -260,8 +264,7 @@ def piadm_sample(
     each block: one Langevin step x <- x + h sigma^2 score + sqrt(2 h) sigma xi at the block's end time
     (h = ``corrector_step``; the xi are drawn from the noise source's stream after the step noise).
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise InputError(f"sampler: unknown base sampler {sampler!r}; expected ddpm or ddim")
+    check_sampler(sampler)
     if sweeps < 1:
         raise InputError(f"sweeps: expected K >= 1, got {sweeps}")
     schedule = schedule or VPSchedule()
@@ -282,8 +285,8 @@ def piadm_sample(
             t_end = times[end]
             sig = schedule.sigma(t_end)
             x = w.traj[end]
-            eps = w.model(x, w.y, torch.full((w.batch,), float(t_end), dtype=torch.float64))
-            xi = noise.draw(10_000_000 + b).to(x.dtype)
+            eps = call_model(w.model, x, w.y, t_end)
+            xi = noise.draw(Streams.CORRECTOR_DRAW + b).to(x.dtype)
             h = corrector_step
             w.traj[end] = x - h * sig * eps + math.sqrt(2 * h) * sig * xi
             w.nfe += 1

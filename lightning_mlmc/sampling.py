@@ -16,13 +16,32 @@ from typing import Callable, Literal
 import numpy as np
 import torch
 
-from lightning_mlmc.diffusion import drift_increment, step_coefficients
+from lightning_mlmc.diffusion import advance, step_coefficients
 from lightning_mlmc.errors import InputError, NumericalError
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
 Tensor = torch.Tensor
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]
 SamplerName = Literal["ddpm", "ddim"]
+SAMPLERS = ("ddpm", "ddim")
+
+
+def check_sampler(name: str, what: str = "sampler") -> str:
+    """``name`` if it is a base sampler (ddpm: the stochastic exponential integrator; ddim: eta = 0)."""
+    if name not in SAMPLERS:
+        raise InputError(f"{what}: unknown sampler {name!r}; expected ddpm or ddim")
+    return name
+
+
+class Streams:
+    """Reserved noise-stream keys and draw indices, so no two uses of a seed ever share draws.
+
+    A ``NoiseSource`` stream is a tuple of integers; draw 0 is the start and draw k + 1 is step k.
+    """
+
+    PROBE_BATCH = 2**31  # MLMC: a batch index no estimate uses (probing a level function's payoff size)
+    PLAIN_MC = 10_000  # plain Monte Carlo on the MLMC engine: stream (PLAIN_MC + batch,)
+    CORRECTOR_DRAW = 10_000_000  # PIADM: the corrector's draws follow every step's, at index CORRECTOR_DRAW + block
 
 
 def derive_seed(*keys: int) -> int:
@@ -116,9 +135,38 @@ def batch_obs(y: Tensor | None, batch: int) -> Tensor | None:
     return y.expand(batch, *y.shape[1:])
 
 
+def call_model(model: Model, x: Tensor, y: Tensor | None, t) -> Tensor:
+    """eps_hat = model(x, y, t) for every row of x: ``t`` is one time (a float or 0-d tensor) or one per row.
+
+    The time vector is float64 on x's device and y is broadcast to the rows (DESIGN.md: every model is
+    called as ``model(x_t, y, t)``).
+    """
+    rows = x.shape[0]
+    if torch.is_tensor(t) and t.dim() == 1:
+        t_vec = t.to(device=x.device, dtype=torch.float64)
+    else:
+        t_vec = torch.full((rows,), float(t), dtype=torch.float64, device=x.device)
+    return model(x, batch_obs(y, rows), t_vec)
+
+
 def check_finite(x: Tensor, where: str) -> None:
     if not torch.isfinite(x).all():
         raise NumericalError(f"non-finite values (NaN or Inf) in the sample at {where}; the network may have diverged")
+
+
+def grid_times(steps: int | None, grid: TimeGrid | None, times: Tensor | None, t_start: float,
+               schedule: VPSchedule) -> Tensor:
+    """A sampler's grid: ``times`` as given (checked), or ``steps`` steps of the ``grid`` family from t_start."""
+    if times is None:
+        if steps is None:
+            raise InputError("steps: give the number of steps (or the grid itself as times)")
+        return (grid or TimeGrid()).times(steps, t_start, schedule)
+    if steps is not None and steps != len(times) - 1:
+        raise InputError(f"steps: {steps} given with a grid of {len(times) - 1} steps; give one of them")
+    times = torch.as_tensor(times, dtype=torch.float64)
+    if times.dim() != 1 or len(times) < 2 or not torch.all(times[1:] < times[:-1]) or times[-1] != 0:
+        raise InputError("times: expected a decreasing 1-d grid t_0 > ... > t_n = 0 with n >= 1")
+    return times
 
 
 @dataclass
@@ -148,11 +196,12 @@ def sample(
     y: Tensor | None,
     noise: NoiseSource | torch.Generator,
     *,
-    steps: int,
+    steps: int | None = None,
     sampler: SamplerName = "ddpm",
     shape=None,
     start: StartDistribution | None = None,
     grid: TimeGrid | None = None,
+    times: Tensor | None = None,
     schedule: VPSchedule | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> SampleOutput:
@@ -166,35 +215,32 @@ def sample(
         sampler: ``"ddpm"`` (stochastic) or ``"ddim"`` (deterministic).
         start: start distribution (default N(0, I) at t = 1).
         grid: time-grid family (default uniform).
+        times: the grid as data instead of ``steps`` and ``grid``: a decreasing float64 tensor
+            t_0 > ... > t_n = 0 (for example PIADM's block grid).
         callback: called after every step with ``{"k", "t", "s", "x"}``.
 
     Returns:
         ``SampleOutput`` with samples of shape (B, *event_shape) and nfe = steps.
     """
-    if sampler not in ("ddpm", "ddim"):
-        raise InputError(f"sampler: unknown sequential sampler {sampler!r}; expected ddpm or ddim")
+    check_sampler(sampler)
     if isinstance(noise, torch.Generator):
         if shape is None:
             raise InputError("shape: needed when the noise is given as a torch.Generator")
         noise = NoiseSource.from_generator(noise, shape)
     schedule = schedule or VPSchedule()
     start = start or gaussian_start()
-    times = (grid or TimeGrid()).times(steps, start.t, schedule)
+    times = grid_times(steps, grid, times, start.t, schedule)
+    steps = len(times) - 1
     coef = step_coefficients(times, stochastic=sampler == "ddpm", schedule=schedule)
     tic = time.perf_counter()
 
     # Start draw.
     x = start.sample(noise.start())
-    batch = x.shape[0]
-    y_b = batch_obs(y, batch)
+    y_b = batch_obs(y, x.shape[0])
     # Reverse steps t_k -> t_{k+1}; the last lands on t = 0 (Tweedie, no noise).
     for k in range(steps):
-        t_vec = torch.full((batch,), float(coef.t[k]), dtype=torch.float64, device=x.device)
-        eps = model(x, y_b, t_vec)
-        inc = drift_increment(x, eps, coef.a_minus_1[k], coef.eps[k])
-        if coef.noise[k] > 0:
-            inc = inc + coef.noise[k].to(x.dtype) * noise.step(k)
-        x = x + inc
+        eps = call_model(model, x, y_b, coef.t[k])
+        x = advance(x, eps, coef, k, noise.step(k) if coef.noise[k] > 0 else None)
         check_finite(x, f"step {k} (t = {float(coef.t[k]):.6g} -> {float(coef.s[k]):.6g})")
         if callback is not None:
             callback({"k": k, "t": float(coef.t[k]), "s": float(coef.s[k]), "x": x})

@@ -18,6 +18,8 @@ from lightning_mlmc.errors import InputError
 
 Tensor = torch.Tensor
 GridKind = Literal["uniform", "polynomial", "logsnr", "edm"]
+GRID_KINDS = ("uniform", "polynomial", "logsnr", "edm")
+DEFAULT_RHO = {"polynomial": 2.0, "edm": 7.0}  # rho when none is given (unused by uniform and logsnr)
 
 
 def _f64(t) -> Tensor:
@@ -82,20 +84,23 @@ class TimeGrid:
     the grid with n steps, which MLMC's coupled levels need. Families:
 
     - ``uniform``: t = t_start u (the default, as in the seed's code);
-    - ``polynomial``: t = t_start u^rho (rho > 1 concentrates steps near the data);
+    - ``polynomial``: t = t_start u^rho (rho > 1 concentrates steps near the data; rho 2 by default);
     - ``logsnr``: uniform in log-SNR between t_start (u = 1) and ``t_min`` (u -> 0); u = 0 maps to t = 0,
       so the last step is Tweedie's jump from about t_min;
     - ``edm``: the EDM rho-spacing in the noise ratio s = sigma/m,
-      s = (s_min^(1/rho) + u (s_max^(1/rho) - s_min^(1/rho)))^rho with s_min = s(t_min) (0 by default).
+      s = (s_min^(1/rho) + u (s_max^(1/rho) - s_min^(1/rho)))^rho with s_min = s(t_min) (0 by default),
+      rho 7 by default.
     """
 
     kind: GridKind = "uniform"
-    rho: float = 7.0
+    rho: float | None = None
     t_min: float = 0.0
 
     def __post_init__(self):
-        if self.kind not in ("uniform", "polynomial", "logsnr", "edm"):
+        if self.kind not in GRID_KINDS:
             raise InputError(f"grid: unknown kind {self.kind!r}; expected uniform, polynomial, logsnr or edm")
+        if self.rho is None:  # the family's own default warp exponent
+            object.__setattr__(self, "rho", DEFAULT_RHO.get(self.kind, 7.0))
         if not (self.rho > 0 and math.isfinite(self.rho)):
             raise InputError(f"grid rho: expected a positive number, got {self.rho}")
         if not (0.0 <= self.t_min < 1.0):

@@ -29,6 +29,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import OnExceptionCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.module import ScoreModule
@@ -53,10 +54,12 @@ def configure_wandb_env(save_dir: str) -> None:
 class MLMCLightningCLI(LightningCLI):
     """LightningCLI with the data -> model operator link and offline-first W&B."""
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("data", "model.operator", compute_fn=lambda dm: dm.operator_config(),
                               apply_on="instantiate")
 
+    @override
     def before_fit(self) -> None:
         root = self.trainer.default_root_dir
         # SIGTERM (or Ctrl-C) mid-epoch: Lightning stops after the current batch and calls on_exception;
@@ -64,12 +67,14 @@ class MLMCLightningCLI(LightningCLI):
         self.trainer.callbacks.append(OnExceptionCheckpoint(os.path.join(root, "checkpoints"), INTERRUPTED))
         self.trainer.loggers = [_working_logger(lg, root) for lg in self.trainer.loggers]
 
+    @override
     def parse_arguments(self, parser, args) -> None:
         super().parse_arguments(parser, args)
         sub = self.config.get("subcommand")
         # Before Lightning itself opens --ckpt_path (to read its hyper-parameters).
         check_ckpt_path((self.config[sub] if sub else self.config).get("ckpt_path"))
 
+    @override
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         trainer = config["trainer"]
@@ -123,6 +128,23 @@ def _check_writable(folder: str) -> None:
     os.makedirs(folder, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=folder):
         pass
+
+
+def datamodule_from_config(path: str) -> pl.LightningDataModule:
+    """The datamodule a LightningCLI config names (its ``data.class_path`` and ``init_args``), as
+    LightningCLI would build it; the library itself names no datamodule class."""
+    import importlib
+
+    import yaml
+
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)["data"]
+        module, _, name = data["class_path"].rpartition(".")
+        cls = getattr(importlib.import_module(module), name)
+    except (OSError, KeyError, TypeError, ImportError, AttributeError, yaml.YAMLError) as e:
+        raise InputError(f"config: cannot build the datamodule of {path!r} ({type(e).__name__}: {e})") from None
+    return cls(**(data.get("init_args") or {}))
 
 
 def check_ckpt_path(path) -> None:

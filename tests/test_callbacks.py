@@ -17,7 +17,7 @@ from datamodules import DigitsDataModule
 from lightning_mlmc.cli import main as cli_main
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.module import ScoreModule
-from wandb_records import history
+from tests.wandb_records import history
 
 SCALARS = ["mlmc/alpha", "mlmc/beta", "mlmc/gamma", "mlmc/nfe", "mlmc/nfe_mc", "mlmc/savings", "mlmc/rmse_bound",
            "mlmc/psnr", "mlmc/ssim", "mlmc/coverage_1sd", "mlmc/coverage_2sd", "picard/rounds", "picard/nfe",

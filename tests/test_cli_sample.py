@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from problems import EXAMPLES
+from tests.analytic_cases import EXAMPLES
 
 from lightning_mlmc.cli import main
 

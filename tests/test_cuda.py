@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from problems import EXAMPLES, bimodal2d, inpaint4x4
+from tests.analytic_cases import EXAMPLES, bimodal2d, inpaint4x4
 from pytorch_lightning.loggers import CSVLogger
 
 from callbacks import FusedEMA, MLMCCallback, PicardCallback
 from datamodules import DigitsDataModule
 from lightning_mlmc import ExactPosteriorEps, NoiseSource, TimeGrid, sample
 from lightning_mlmc.cli import main as cli_main
-from lightning_mlmc.mlmc import SUM_NAMES, CoupledLevelSampler, mlmc
+from lightning_mlmc.mlmc import SUM_NAMES, CoupledLevelSampler, mlmc_auto
 from lightning_mlmc.module import ScoreModule, load_score_module
 from lightning_mlmc.picard import picard_sample
 
@@ -94,9 +94,9 @@ def test_mlmc_driver_on_cuda_gives_the_cpu_estimate():
     for device in ("cpu", "cuda"):
         samp = CoupledLevelSampler(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None].to(device), spec.shape,
                                    grid=TimeGrid("logsnr"), seed=3, device=device)
-        results[device] = mlmc(samp, 0.05, lmin="auto", lmax=12, n0=50, cost_fn=samp.cost)
+        results[device] = mlmc_auto(samp, 0.05, lmax=12, n0=50)
     cpu, gpu = results["cpu"], results["cuda"]
-    assert [s["n_samples"] for s in gpu.levels] == [s["n_samples"] for s in cpu.levels]
+    assert [s.n_samples for s in gpu.levels] == [s.n_samples for s in cpu.levels]
     np.testing.assert_allclose(np.asarray(gpu.estimate), np.asarray(cpu.estimate), rtol=1e-8, atol=1e-12)
 
 

@@ -10,8 +10,8 @@ from datamodules.analytic import sample_prior
 from datamodules.base import ObserveBatch
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.problems import AnalyticSpec
-from problems import EXAMPLES
-from torchvision_files import write_cifar10, write_mnist
+from tests.analytic_cases import EXAMPLES
+from tests.torchvision_files import write_cifar10, write_mnist
 
 SUPERRES = {"name": "superres", "factor": 2, "noise_std": 0.05}
 

@@ -10,11 +10,11 @@ from lightning_mlmc import (
     TimeGrid,
     VPSchedule,
     coarse_noise_weights,
-    drift_increment,
     eps_to_score,
     eps_to_x0,
     score_to_eps,
     step_coefficients,
+    step_increment,
     x0_to_eps,
 )
 
@@ -72,7 +72,7 @@ def test_step_equals_ddpm_posterior_step():
         beta_ts = v_t - alpha_ts**2 * v_s
         mean = m_s * beta_ts / v_t * x0 + alpha_ts * v_s / v_t * x[i]
         var = beta_ts * v_s / v_t
-        got = x[i] + drift_increment(x[i], eps[i], c.a_minus_1[0], c.eps[0])
+        got = x[i] + step_increment(x[i], eps[i], c.a_minus_1[0], c.eps[0])
         torch.testing.assert_close(got, mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(c.noise[0] ** 2, var, rtol=1e-12, atol=1e-15)
         # The seed's form with gamma and the score.
@@ -92,7 +92,7 @@ def test_deterministic_step_is_ddim():
         c = step_coefficients(torch.stack([t[i], s[i]]), stochastic=False)
         x0 = eps_to_x0(x[i], eps[i], SCHED.mean(t[i]), SCHED.sigma(t[i]))
         want = SCHED.mean(s[i]) * x0 + SCHED.sigma(s[i]) * eps[i]
-        got = x[i] + drift_increment(x[i], eps[i], c.a_minus_1[0], c.eps[0])
+        got = x[i] + step_increment(x[i], eps[i], c.a_minus_1[0], c.eps[0])
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
         assert c.noise[0] == 0
 
@@ -102,7 +102,7 @@ def test_tweedie_last_step():
     x = torch.tensor([0.7, -1.2], dtype=torch.float64)
     eps = torch.tensor([0.1, 0.4], dtype=torch.float64)
     want = eps_to_x0(x, eps, SCHED.mean(0.3), SCHED.sigma(0.3))
-    torch.testing.assert_close(x + drift_increment(x, eps, c.a_minus_1[0], c.eps[0]), want, rtol=1e-14, atol=1e-14)
+    torch.testing.assert_close(x + step_increment(x, eps, c.a_minus_1[0], c.eps[0]), want, rtol=1e-14, atol=1e-14)
     assert c.noise[0] == 0
 
 

@@ -10,13 +10,22 @@ import sys
 import numpy as np
 import pytest
 import torch
-from problems import EXAMPLES, bimodal2d, gaussian3d, gaussian_inpaint
+from tests.analytic_cases import EXAMPLES, bimodal2d, gaussian3d, gaussian_inpaint
 
 from lightning_mlmc import ExactPosteriorEps, InputError, TimeGrid, WeakConvergenceFailure, exact_posterior
-from lightning_mlmc.diffusion import coarse_noise_weights, step_coefficients
+from lightning_mlmc.diffusion import step_coefficients
 from lightning_mlmc.gaussian_oracle import GaussianOracle
+from lightning_mlmc.mlmc import (
+    CoupledLevelSampler,
+    LevelSums,
+    UserLevels,
+    coarse_noise_weights,
+    level_stats,
+    mlmc,
+    mlmc_auto,
+    mlmc_test,
+)
 from lightning_mlmc.schedule import VPSchedule
-from lightning_mlmc.mlmc import CoupledLevelSampler, LevelSums, level_stats, mlmc, mlmc_test
 
 N = 6000
 GRIDS = [TimeGrid(), TimeGrid("polynomial", rho=2.0), TimeGrid("logsnr"), TimeGrid("edm")]
@@ -91,13 +100,18 @@ def test_batched_calls_and_cost():
     assert samp(1, 10).calls == 10 * 3 and samp.cost(1) == 3
 
 
+def _adaptive(levels, eps, lmin, **kw):
+    """The driver with Lmin fixed by the sampler, or chosen from a pilot first (``lmin="auto"``)."""
+    return mlmc_auto(levels, eps, **kw) if lmin == "auto" else mlmc(levels.with_lmin(lmin), eps, **kw)
+
+
 def _twenty_adaptive_runs(spec, grid, eps, lmin):
     exact = exact_posterior(spec).second_moment
     errs, bounds = [], []
     for seed in range(20):
-        samp = _sampler(spec, seed=100 + seed, grid=grid, lmin=0 if lmin == "auto" else lmin)
+        samp = _sampler(spec, seed=100 + seed, grid=grid)
         try:
-            r = mlmc(samp, eps, lmin=lmin, lmax=12, n0=100, cost_fn=samp.cost)
+            r = _adaptive(samp, eps, lmin, lmax=12, n0=100)
         except WeakConvergenceFailure as e:  # still an estimate; counted as is
             r = e.result
         errs.append(float((torch.tensor(r.estimate) - exact).pow(2).mean()))
@@ -123,7 +137,7 @@ def test_default_settings_converge_by_lmax_10():
     errs = []
     for seed in range(8):
         samp = _sampler(bimodal2d(), seed=seed)
-        r = mlmc(samp, 0.05, cost_fn=samp.cost)  # raises WeakConvergenceFailure if not converged
+        r = mlmc(samp, 0.05)  # raises WeakConvergenceFailure if not converged
         assert len(r.levels) <= 11
         errs.append(float((torch.tensor(r.estimate) - exact).pow(2).mean()))
     assert math.sqrt(np.mean(errs)) <= 1.2 * 0.05
@@ -149,10 +163,10 @@ def test_an_undecidable_bias_test_at_lmax_ends():
 
     cost = lambda l: 2.0**l + (2.0 ** (l - 1) if l else 0)  # noqa: E731
     try:
-        r = mlmc(level_fn, eps, lmax=lmax, n0=n0, cost_fn=cost, pixels=1, batch_size=10**6)
+        r = mlmc(UserLevels(level_fn, M=2, cost_fn=cost, pixels=1), eps, lmax=lmax, n0=n0, batch_size=10**6)
     except WeakConvergenceFailure as e:
         r = e.result
-    top = {lv["level"]: lv["n_samples"] for lv in r.levels}
+    top = {lv.level: lv.n_samples for lv in r.levels}
     assert len(r.levels) == lmax + 1
     # Each round at least doubles a level's count and costs at most n0 C_(L+1): the counts stay bounded.
     assert all(top[l] * cost(l) <= 4 * n0 * cost(lmax + 1) + 4 * 1000 for l in (2, 3, 4))
@@ -177,8 +191,8 @@ def test_logsnr_grid_keeps_the_rmse_guarantee_on_the_bimodal_problem():
 
 def test_same_seed_bit_identical_and_resume(tmp_path):
     spec = gaussian3d()
-    a = mlmc(_sampler(spec, seed=9, lmin=2), 0.05, lmin=2, n0=50, batch_size=40)
-    b = mlmc(_sampler(spec, seed=9, lmin=2), 0.05, lmin=2, n0=50, batch_size=40)
+    a = mlmc(_sampler(spec, seed=9, lmin=2), 0.05, n0=50, batch_size=40)
+    b = mlmc(_sampler(spec, seed=9, lmin=2), 0.05, n0=50, batch_size=40)
     assert a.estimate == b.estimate and a.levels == b.levels
 
     # Interrupt after a few batches, then resume from the state file: the same estimate.
@@ -192,15 +206,14 @@ def test_same_seed_bit_identical_and_resume(tmp_path):
             raise KeyboardInterrupt
         return inner(l, n, b, r)
 
-    flaky.pixels = inner.pixels
     with pytest.raises(KeyboardInterrupt):
-        mlmc(flaky, 0.05, lmin=2, n0=50, batch_size=40, state_path=str(state))
+        mlmc(UserLevels(flaky, M=2, lmin=2, pixels=inner.pixels), 0.05, n0=50, batch_size=40, state_path=str(state))
     saved = json.loads(state.read_text())
     assert sum(v["n"] for v in saved["levels"].values()) > 0
-    c = mlmc(inner, 0.05, lmin=2, n0=50, batch_size=40, state_path=str(state))
+    c = mlmc(inner, 0.05, n0=50, batch_size=40, state_path=str(state))
     assert c.estimate == a.estimate
     with pytest.raises(InputError, match="different arguments"):
-        mlmc(inner, 0.04, lmin=2, n0=50, batch_size=40, state_path=str(state))
+        mlmc(inner, 0.04, n0=50, batch_size=40, state_path=str(state))
 
 
 def test_weak_convergence_failure_keeps_the_estimate():
@@ -218,7 +231,32 @@ def test_mlmc_test_tables_consistency_and_kurtosis():
     text = res.tables()
     assert "l  ave(Pf-Pc)  ave(Pf)  var(Pf-Pc)  var(Pf)  kurtosis  check  cost" in text
     assert "eps  value  mlmc_cost  std_cost  savings  N_l" in text
-    assert res.complexity[0]["mlmc_cost"] > 0
+    assert res.complexity[0].mlmc_cost > 0
+    assert res.warnings == []
+
+
+def test_mlmc_test_warns_as_giles_does():
+    """A level function whose coarse path is not the previous level's fine path (an off-by-0.5 coarse mean)
+    fails the consistency check; a level difference that is mostly zero with rare large jumps has a huge
+    kurtosis. mlmc_test says both, as Giles' code does."""
+
+    def inconsistent(level, n, batch, rank):
+        g = torch.Generator().manual_seed(1000 * level + batch)
+        z = torch.randn(n, 1, generator=g, dtype=torch.float64)
+        pf = 1.0 + 2.0**-level + z
+        return LevelSums.from_payoffs(pf, None if level == 0 else pf - 2.0**-level + 0.5, n)
+
+    res = mlmc_test(UserLevels(inconsistent, M=2), 3, 2000)
+    assert any("consistency" in w for w in res.warnings) and "WARNING" in res.tables()
+
+    def heavy_tailed(level, n, batch, rank):
+        g = torch.Generator().manual_seed(1000 * level + batch)
+        jump = (torch.rand(n, 1, generator=g, dtype=torch.float64) < 1e-3).double() * 10.0
+        pf = torch.ones(n, 1, dtype=torch.float64) + (jump if level else 0.0)
+        return LevelSums.from_payoffs(pf, None if level == 0 else torch.ones_like(pf), n)
+
+    res = mlmc_test(UserLevels(heavy_tailed, M=2), 2, 20000)
+    assert any("kurtosis" in w for w in res.warnings)
 
 
 def test_payoffs():
@@ -239,13 +277,15 @@ def test_sampler_bad_arguments(kw, field):
         _sampler(bimodal2d(), **kw)
 
 
-@pytest.mark.parametrize("kw, field", [({"eps": 0.0}, "eps"), ({"eps": -1.0}, "eps"), ({"lmin": 3, "lmax": 2}, "lmin"),
-                                       ({"M": 1}, "M")])
+@pytest.mark.parametrize("kw, field", [({"eps": 0.0}, "eps"), ({"eps": -1.0}, "eps"), ({"lmax": 2}, "lmin"),
+                                       ({"n0": 1}, "n0"), ({"theta": 1.0}, "theta")])
 def test_driver_bad_arguments(kw, field):
     args = {"eps": 0.1, **kw}
     eps = args.pop("eps")
     with pytest.raises(InputError, match=field):
-        mlmc(_sampler(bimodal2d()), eps, **args)
+        mlmc(_sampler(bimodal2d(), lmin=3), eps, **args)
+    with pytest.raises(InputError, match="level function"):
+        mlmc(lambda level, n, b, r: None, 0.1)
 
 
 SPEC = os.path.join(EXAMPLES, "bimodal2d.json")
@@ -322,7 +362,7 @@ def _dist_worker(rank, world, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     spec = bimodal2d()
     try:
-        r = mlmc(_sampler(spec, seed=5, lmin=3), 0.05, lmin=3, lmax=12, n0=100)
+        r = mlmc(_sampler(spec, seed=5, lmin=3), 0.05, lmax=12, n0=100)
     except WeakConvergenceFailure as e:
         r = e.result
     if rank == 0:
@@ -344,7 +384,7 @@ def test_two_processes_consistent_with_one(tmp_path):
     mp.spawn(_dist_worker, args=(2, port, str(out)), nprocs=2, join=True)
     two = json.loads(out.read_text())
     try:
-        one = mlmc(_sampler(bimodal2d(), seed=5, lmin=3), 0.05, lmin=3, lmax=12, n0=100)
+        one = mlmc(_sampler(bimodal2d(), seed=5, lmin=3), 0.05, lmax=12, n0=100)
     except WeakConvergenceFailure as e:
         one = e.result
     diff = np.sqrt(np.mean((np.array(two["estimate"]) - np.array(one.estimate)) ** 2))
@@ -414,9 +454,9 @@ def test_auto_lmin_matches_the_exact_choice(grid):
     from lightning_mlmc.mlmc import choose_lmin
 
     spec = gaussian_inpaint()
-    samp = _sampler(spec, grid=grid, seed=5)
+    samp = _sampler(spec, grid=grid, seed=5, lmin=4)
     choice = choose_lmin(samp, 2000, 10)
-    assert samp.lmin == choice.lmin and choice.lmin in choice.predicted
+    assert samp.lmin == 4 and choice.lmin in choice.predicted  # the sampler is not changed
     exact = _exact_lmin_costs(spec, grid, choice.top)
     assert exact[choice.lmin] <= 1.1 * min(exact.values())
 
@@ -432,10 +472,10 @@ def test_auto_lmin_driver_counts_the_pilot_and_resumes(tmp_path):
 
     samp = CoupledLevelSampler(Counting(spec), torch.as_tensor(spec.y)[None], spec.shape, grid=TimeGrid("logsnr"),
                                seed=2)
-    r = mlmc(samp, 0.05, lmin="auto", lmax=12, n0=50, cost_fn=samp.cost)
-    assert r.lmin == samp.lmin and r.levels[0]["level"] == r.lmin
+    r = mlmc_auto(samp, 0.05, lmax=12, n0=50)
+    assert samp.lmin == 0 and r.levels[0].level == r.lmin  # the chosen Lmin is the result's, not the sampler's
     assert r.nfe_counted == calls["rows"]  # pilot levels at or below Lmin included
-    assert r.nfe == pytest.approx(sum(lv["n_samples"] * lv["cost"] for lv in r.levels) + r.pilot_nfe)
+    assert r.nfe == pytest.approx(sum(lv.n_samples * lv.cost for lv in r.levels) + r.pilot_nfe)
     if r.lmin > 0:
         assert r.pilot_nfe > 0
 
@@ -443,7 +483,7 @@ def test_auto_lmin_driver_counts_the_pilot_and_resumes(tmp_path):
     state = tmp_path / "state.json"
     inner = CoupledLevelSampler(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], spec.shape,
                                 grid=TimeGrid("logsnr"), seed=2)
-    ref = mlmc(inner, 0.05, lmin="auto", lmax=12, n0=50, cost_fn=inner.cost, batch_size=30)
+    ref = mlmc_auto(inner, 0.05, lmax=12, n0=50, batch_size=30)
     n = {"k": 0}
 
     class Flaky(CoupledLevelSampler):
@@ -455,14 +495,38 @@ def test_auto_lmin_driver_counts_the_pilot_and_resumes(tmp_path):
 
     flaky = Flaky(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], spec.shape, grid=TimeGrid("logsnr"), seed=2)
     with pytest.raises(KeyboardInterrupt):
-        mlmc(flaky, 0.05, lmin="auto", lmax=12, n0=50, cost_fn=flaky.cost, batch_size=30, state_path=str(state))
+        mlmc_auto(flaky, 0.05, lmax=12, n0=50, batch_size=30, state_path=str(state))
     fresh = CoupledLevelSampler(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], spec.shape,
                                 grid=TimeGrid("logsnr"), seed=2)
-    again = mlmc(fresh, 0.05, lmin="auto", lmax=12, n0=50, cost_fn=fresh.cost, batch_size=30, state_path=str(state))
+    again = mlmc_auto(fresh, 0.05, lmax=12, n0=50, batch_size=30, state_path=str(state))
     assert again.estimate == ref.estimate and again.lmin == ref.lmin and again.nfe == ref.nfe
 
 
-def test_driver_rejects_a_sampler_with_another_lmin():
+def test_driver_rejects_a_pilot_or_state_of_another_lmin(tmp_path):
+    from lightning_mlmc.mlmc import choose_lmin
+
     spec = gaussian3d()
-    with pytest.raises(InputError, match="lmin"):
-        mlmc(_sampler(spec, lmin=0), 0.1, lmin=2)
+    samp = _sampler(spec, seed=1)
+    pilot = choose_lmin(samp, 20, 6)
+    with pytest.raises(InputError, match="pilot"):
+        mlmc(samp.with_lmin(pilot.lmin + 1), 0.1, pilot=pilot)
+    state = tmp_path / "s.json"
+    mlmc(samp.with_lmin(1), 0.2, n0=20, state_path=str(state))
+    with pytest.raises(InputError, match="lmin=1"):
+        mlmc(samp.with_lmin(2), 0.2, n0=20, state_path=str(state))
+
+
+def test_the_readmes_own_level_function_example_runs():
+    """The README's pymlmc-style example (a plain function wrapped in UserLevels) runs as printed and lands
+    within 3 eps of the exact Black-Scholes price (the driver targets RMSE eps; 3 eps is a 3-sigma band)."""
+    import re
+
+    from lightning_mlmc.mlmc.gbm import black_scholes_call
+
+    readme = open(os.path.join(os.path.dirname(EXAMPLES), "README.md")).read()
+    code = next(b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "euler_call" in b)
+    scope: dict = {}
+    exec(compile(code.replace("print(", "(lambda *a: None)("), "README.md", "exec"), scope)  # noqa: S102
+    exact = black_scholes_call(100.0, 100.0, 0.05, 0.2, 1.0)
+    assert abs(exact - 10.4506) < 1e-4
+    assert abs(scope["result"].estimate[0] - exact) <= 3 * 0.1

@@ -13,7 +13,7 @@ from lightning_mlmc.operators import (
     operator_from_config,
     upsample,
 )
-from problems import inpaint4x4
+from tests.analytic_cases import inpaint4x4
 
 
 def images(b=3, shape=(1, 8, 8), seed=0):

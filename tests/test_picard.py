@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from problems import bimodal2d, inpaint4x4
+from tests.analytic_cases import bimodal2d, inpaint4x4
 
 from lightning_mlmc import ExactPosteriorEps, InputError, NoiseSource, TimeGrid, sample
 from lightning_mlmc.picard import piadm_sample, piadm_times, picard_sample
@@ -58,11 +58,7 @@ def test_piadm_error_shrinks_with_sweeps_and_is_exact_at_k_equal_points():
     times = piadm_times(blocks, points)
     assert torch.all(times[1:] < times[:-1]) and times[-1] == 0
 
-    class Grid:  # the PIADM grid as a time-grid family for the sequential reference
-        def times(self, n, t_start=1.0, schedule=None):
-            return times
-
-    ref = sample(model, y, NoiseSource(2, shape), steps=len(times) - 1, grid=Grid()).samples
+    ref = sample(model, y, NoiseSource(2, shape), times=times).samples  # the sequential sampler on PIADM's grid
     errs = []
     for k in (1, 2, 4, points):
         out = piadm_sample(model, y, NoiseSource(2, shape), blocks=blocks, points=points, sweeps=k)
@@ -88,7 +84,7 @@ def test_diffusers_parallel_scheduler_drift_parity():
     from diffusers import DDPMParallelScheduler
 
     from lightning_mlmc import VPSchedule, step_coefficients
-    from lightning_mlmc.diffusion import drift_increment
+    from lightning_mlmc.diffusion import step_increment
 
     n = 50
     sched = VPSchedule()
@@ -107,7 +103,7 @@ def test_diffusers_parallel_scheduler_drift_parity():
     for i, s in enumerate(steps.tolist()):
         # diffusers index s is time t_{s+1}; its step goes to t_s.
         c = step_coefficients(torch.stack([t[s + 1], t[s]]), stochastic=True)
-        ours = x[i] + drift_increment(x[i], eps[i], c.a_minus_1[0], c.eps[0])
+        ours = x[i] + step_increment(x[i], eps[i], c.a_minus_1[0], c.eps[0])
         np.testing.assert_allclose(theirs[i].numpy(), ours.numpy(), rtol=1e-6, atol=1e-6)
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from problems import bimodal2d, gaussian3d, inpaint4x4
+from tests.analytic_cases import bimodal2d, gaussian3d, inpaint4x4
 
 from lightning_mlmc import AnalyticSpec, ExactPosteriorEps, InputError, VPSchedule, exact_posterior
 

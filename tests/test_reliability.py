@@ -17,7 +17,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from problems import EXAMPLES, bimodal2d
+from tests.analytic_cases import EXAMPLES, bimodal2d
 
 from lightning_mlmc import ExactPosteriorEps
 from lightning_mlmc.cli import main as cli_main
@@ -222,7 +222,7 @@ def test_nan_in_a_sampler_names_the_level_step_and_time():
     spec = bimodal2d()
     samp = CoupledLevelSampler(_Diverging(spec), torch.as_tensor(spec.y)[None], spec.shape, lmin=2)
     with pytest.raises(NumericalError, match=r"level 2, step \d+ \(t = 0\.2"):
-        mlmc(samp, 0.1, lmin=2, n0=10)
+        mlmc(samp, 0.1, n0=10)
     with pytest.raises(NumericalError, match=r"step \d+ \(t = 0\.2"):
         sample(_Diverging(spec), torch.as_tensor(spec.y)[None], NoiseSource(0, (4, *spec.shape)), steps=10)
 
@@ -366,7 +366,9 @@ CONSTRUCTORS = [
     ("level sampler coupling", lambda: _coupled(coupling="antithetic"), "coupling"),
     ("level sampler payoff", lambda: _coupled(payoff="cube"), "payoff"),
     ("mlmc eps", lambda: mlmc(_coupled(), float("nan")), "eps"),
-    ("mlmc lmin", lambda: mlmc(_coupled(lmin=3), 0.1, lmin=3, lmax=2), "lmin"),
+    ("mlmc lmin", lambda: mlmc(_coupled(lmin=3), 0.1, lmax=2), "lmin"),
+    ("mlmc config lmin", lambda: __import__("lightning_mlmc").MLMCConfig(lmin=5, lmax=3), "lmin"),
+    ("mlmc config grid", lambda: __import__("lightning_mlmc").MLMCConfig(grid="cosine"), "grid"),
     ("mlmc theta", lambda: mlmc(_coupled(), 0.1, theta=1.0), "theta"),
     ("grid kind", lambda: __import__("lightning_mlmc").TimeGrid("cosine"), "grid"),
     ("noise seed", lambda: NoiseSource(-1, (2, 2)), "seed"),

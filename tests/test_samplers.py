@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from problems import bimodal2d, gaussian3d, gaussian_inpaint
+from tests.analytic_cases import bimodal2d, gaussian3d, gaussian_inpaint
 
 from lightning_mlmc import (
     ExactPosteriorEps,

@@ -17,8 +17,8 @@ from datamodules import AnalyticDataModule, DigitsDataModule
 from lightning_mlmc.cli import main as cli_main
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.module import ScoreModule, load_exported, load_score_model, load_score_module
-from problems import EXAMPLES
-from torchvision_files import write_mnist
+from tests.analytic_cases import EXAMPLES
+from tests.torchvision_files import write_mnist
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
@@ -240,7 +240,7 @@ def test_cli_with_wandb_disabled_falls_back_to_csv(tmp_path, monkeypatch):
 
 def run_cli(*args, cwd=ROOT):
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "lightning_mlmc.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "lightning_mlmc", *args], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
 
 
@@ -273,8 +273,7 @@ def test_cli_unknown_dataset_and_garbage_checkpoint(tmp_path):
 # DDP
 
 DDP_SCRIPT = r'''
-import os, sys, torch, pytorch_lightning as pl
-sys.path.insert(0, {root!r})
+import os, torch, pytorch_lightning as pl
 from datamodules import DigitsDataModule
 from lightning_mlmc.module import ScoreModule
 pl.seed_everything(0)
@@ -291,7 +290,7 @@ torch.save(flat, os.path.join({out!r}, f"params_rank{{trainer.global_rank}}.pt")
 @pytest.mark.slow
 def test_ddp_two_cpu_processes_keep_identical_parameters(tmp_path):
     script = tmp_path / "ddp_fit.py"
-    script.write_text(DDP_SCRIPT.format(root=ROOT, out=str(tmp_path)))
+    script.write_text(DDP_SCRIPT.format(out=str(tmp_path)))
     env = {**os.environ, "PL_DISABLE_FORK": "1", "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, cwd=tmp_path, env=env,
                          timeout=600)

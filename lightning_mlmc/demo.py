@@ -10,6 +10,7 @@
    the offline W&B run).
 
 Everything goes to runs/digits_superres/ (override with DEMO_RUN_DIR); DEMO_MAX_EPOCHS shortens training.
+Run it as ``python -m lightning_mlmc.demo`` from the repository (``make demo``).
 """
 
 import json
@@ -19,16 +20,15 @@ import time
 
 import numpy as np
 import torch
-import yaml
 
-from datamodules import DigitsDataModule
 from lightning_mlmc.cli import main as cli_main
 from lightning_mlmc.module import load_score_module
 from lightning_mlmc.operators import upsample
 from lightning_mlmc.posterior import coverage, posterior_summary, psnr, ssim
+from lightning_mlmc.train_cli import datamodule_from_config
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-CONFIG = os.path.join(HERE, "configs", "digits_superres.yaml")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (configs/, runs/)
+CONFIG = os.path.join(ROOT, "configs", "digits_superres.yaml")
 
 
 def train(run_dir: str, max_epochs: str | None, config: str = CONFIG) -> str:
@@ -48,9 +48,7 @@ def export_run(ckpt: str, run_dir: str, config: str = CONFIG):
     whole validation set."""
     module = load_score_module(ckpt)
     module.export(os.path.join(run_dir, "export"))
-    with open(config) as f:
-        data_args = yaml.safe_load(f)["data"]["init_args"]
-    dm = DigitsDataModule(**data_args)
+    dm = datamodule_from_config(config)
     x, y = dm.validation_observations(len(dm.split("val")))
     for i in range(4):
         np.savez(os.path.join(run_dir, f"observation_{i}.npz"), y=y[i].numpy(), x=x[i].numpy())
@@ -98,8 +96,8 @@ def wandb_runs(run_dir: str) -> list[str]:
     return sorted(os.path.join(folder, d) for d in os.listdir(folder) if d.startswith("offline-run-"))
 
 
-if __name__ == "__main__":
-    run_dir = os.environ.get("DEMO_RUN_DIR", os.path.join(HERE, "runs", "digits_superres"))
+def main() -> None:
+    run_dir = os.environ.get("DEMO_RUN_DIR", os.path.join(ROOT, "runs", "digits_superres"))
     os.environ.setdefault("WANDB_MODE", "offline")
     tic = time.perf_counter()
     ckpt = train(run_dir, os.environ.get("DEMO_MAX_EPOCHS"))
@@ -128,3 +126,7 @@ if __name__ == "__main__":
     print(f"  run folder:        {run_dir}")
     for run in wandb_runs(run_dir):
         print(f"  W&B offline run:   {run}  (upload later: wandb sync {run})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,5 @@
-"""Command line: ``lightning-mlmc sample | mlmc | mlmc-test | fit | validate | test | predict``.
-
-Bad input exits with status 2 and one line naming the field; nothing half-written is left behind
-(outputs are written to a temporary file and renamed into place).
-"""
+"""What the commands share: one-line argument errors, argument types, the problem/model options and their
+loading, the time grid, and atomic writes (outputs are written to a temporary file and renamed)."""
 
 from __future__ import annotations
 
@@ -10,17 +7,14 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 
-from lightning_mlmc import mlmc_cli
-from lightning_mlmc.errors import InputError, NumericalError, WeakConvergenceFailure
+from lightning_mlmc.errors import InputError
 
 PROG = "lightning-mlmc"
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse with one-line errors (no usage block) and exit status 2."""
 
     def error(self, message):
@@ -31,33 +25,28 @@ class _Parser(argparse.ArgumentParser):
 # Argument types that name the field in their error (argparse keeps an ArgumentTypeError's text).
 
 
-def _positive_int(name):
+def _int_at_least(name: str, minimum: int):
     def parse(s):
         try:
             v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 1, got {s!r}") from None
-        if v < 1:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 1, got {v}")
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= {minimum}, got {s!r}") from None
+        if v < minimum:
+            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= {minimum}, got {v}")
         return v
 
     return parse
 
 
-def _nonneg_int(name):
-    def parse(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 0, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"{name}: expected an integer >= 0, got {v}")
-        return v
-
-    return parse
+def positive_int(name):
+    return _int_at_least(name, 1)
 
 
-def _positive_float(name):
+def nonneg_int(name):
+    return _int_at_least(name, 0)
+
+
+def positive_float(name):
     def parse(s):
         try:
             v = float(s)
@@ -70,7 +59,17 @@ def _positive_float(name):
     return parse
 
 
-def _check_out(path: str) -> str:
+def device_name(s: str) -> str:
+    if s in ("auto", "cpu", "cuda") or (s.startswith("cuda:") and s[5:].isdigit()):
+        return s
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs.
+
+
+def check_out(path: str) -> str:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise InputError(f"out: folder {folder} does not exist")
@@ -102,7 +101,7 @@ def write_json(path: str, data: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# Problem / model loading shared by the commands.
+# The problem or model to sample, shared by sample, mlmc and mlmc-test.
 
 
 def add_problem_args(p: argparse.ArgumentParser) -> None:
@@ -116,17 +115,12 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--start", choices=["gaussian", "observation", "masked"], default="gaussian",
                    help="start distribution p_T(x | y)")
     p.add_argument("--grid", choices=["uniform", "polynomial", "logsnr", "edm"], default="uniform")
-    p.add_argument("--rho", type=_positive_float("rho"), default=None, help="grid warp exponent")
-    p.add_argument("--seed", type=_nonneg_int("seed"), default=0)
-    p.add_argument("--device", type=_device_name, default="auto",
+    p.add_argument("--rho", type=positive_float("rho"), default=None,
+                   help="grid warp exponent (default: 2 for polynomial, 7 for edm)")
+    p.add_argument("--seed", type=nonneg_int("seed"), default=0)
+    p.add_argument("--device", type=device_name, default="auto",
                    help="where the network runs: auto (a CUDA GPU when one is visible), cpu, cuda or cuda:N; "
                         "the noise is drawn on the CPU, so every device gives the same samples up to rounding")
-
-
-def _device_name(s: str) -> str:
-    if s in ("auto", "cpu", "cuda") or (s.startswith("cuda:") and s[5:].isdigit()):
-        return s
-    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {s!r}")
 
 
 def resolve_device(name: str):
@@ -141,6 +135,12 @@ def resolve_device(name: str):
         if (device.index or 0) >= count:
             raise InputError(f"device: {name} asked for, but {count} CUDA GPU(s) are visible")
     return device
+
+
+def make_grid(args):
+    from lightning_mlmc.schedule import TimeGrid
+
+    return TimeGrid(args.grid, rho=args.rho)
 
 
 def _start(name, noise_std, dtype, what, denoise_y=None, inpaint_y=None, observed=None):
@@ -231,113 +231,6 @@ def _load_checkpoint_target(args):
     return model, y, tuple(op.shape), start, dtype
 
 
-def make_grid(args):
-    from lightning_mlmc.schedule import TimeGrid
-
-    rho = args.rho if args.rho is not None else (2.0 if args.grid == "polynomial" else 7.0)
-    return TimeGrid(args.grid, rho=rho)
-
-
-# ----------------------------------------------------------------------------------------------
-# sample
-
-
-def cmd_sample(args) -> int:
-    import numpy as np
-
-    from lightning_mlmc.sampling import NoiseSource, sample
-
-    if args.sampler.startswith("picard"):
-        if args.window is None or args.window < 1:
-            raise InputError("window: expected an integer >= 1 for a Picard sampler")
-        if not (args.tol > 0):
-            raise InputError(f"tol: expected a positive number, got {args.tol}")
-    _check_out(args.out)
-    model, y, shape, start, dtype, device = load_target(args)
-    noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype, device=device)
-    grid = make_grid(args)
-    if args.sampler in ("ddpm", "ddim"):
-        out = sample(model, y, noise, steps=args.steps, sampler=args.sampler, start=start, grid=grid)
-    else:
-        from lightning_mlmc.picard import picard_sample
-
-        out = picard_sample(
-            model, y, noise, steps=args.steps, sampler=args.sampler.removeprefix("picard-"),
-            window=args.window, tol=args.tol, anderson=args.anderson, max_rounds=args.max_rounds,
-            start=start, grid=grid,
-        )
-    stats = {"rounds": out.rounds, "nfe": out.nfe, "steps": out.steps, "wall_seconds": out.wall_seconds,
-             "sampler": args.sampler, "seed": args.seed, "device": str(device)}
-    stats.update({k: v for k, v in out.stats.items() if k not in stats})
-    samples = out.samples.reshape(args.num_samples, -1).double().cpu().numpy()
-
-    def w(tmp):
-        with open(tmp, "wb") as f:
-            np.savez(f, samples=samples, stats=np.array(json.dumps(stats)))
-
-    atomic_write(args.out, w)
-    print(f"wrote {samples.shape[0]} samples to {args.out} "
-          f"(rounds {out.rounds}, nfe {out.nfe}, {out.wall_seconds:.2f} s)")
-    return 0
-
-
-# ----------------------------------------------------------------------------------------------
-# Parser.
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Diffusion-model posterior sampling with MLMC and Picard UQ.")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
-
-    p = sub.add_parser("sample", help="draw posterior samples")
-    add_problem_args(p)
-    p.add_argument("--sampler", required=True, choices=["ddpm", "ddim", "picard-ddpm", "picard-ddim"])
-    p.add_argument("--steps", type=_positive_int("steps"), required=True)
-    p.add_argument("--num-samples", type=_positive_int("num-samples"), required=True)
-    p.add_argument("--window", type=_positive_int("window"), default=None, help="Picard window p")
-    p.add_argument("--tol", type=_positive_float("tol"), default=1e-3, help="Picard tolerance")
-    p.add_argument("--anderson", type=_nonneg_int("anderson"), default=0, help="Anderson memory (0: off)")
-    p.add_argument("--max-rounds", type=_positive_int("max-rounds"), default=None)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_sample)
-
-    mlmc_cli.add_commands(sub, add_problem_args, _positive_float, _positive_int, _nonneg_int)
-    return parser
-
-
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in LIGHTNING_COMMANDS:
-        from lightning_mlmc.train_cli import run_lightning_cli
-
-        return _guarded(lambda: run_lightning_cli(argv))
-    parser = build_parser()
-
-    def run():
-        args = parser.parse_args(argv)
-        if getattr(args, "func", None) is None:
-            raise InputError("command: expected one of sample, mlmc, mlmc-test, fit, validate, test, predict")
-        return args.func(args)
-
-    return _guarded(run)
-
-
-def _guarded(fn) -> int:
-    try:
-        return int(fn() or 0)
-    except InputError as e:
-        print(f"{PROG}: error: {e}", file=sys.stderr)
-        return 2
-    except NumericalError as e:
-        print(f"{PROG}: numerical error: {e}", file=sys.stderr)
-        return 3
-    except WeakConvergenceFailure as e:
-        print(f"{PROG}: {e}", file=sys.stderr)
-        return 3
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def problem_source(args) -> list[str]:
+    """The files that define the problem (absolute paths), for run fingerprints."""
+    return [os.path.abspath(p) for p in (args.problem, args.checkpoint, args.observation) if p]

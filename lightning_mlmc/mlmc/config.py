@@ -1,0 +1,147 @@
+"""One MLMC configuration object for the command line, the validation callback and the benchmarks.
+
+``MLMCConfig`` holds everything that defines an MLMC run besides the model, the observation and eps; it
+is validated once, here. ``run_mlmc`` and ``run_mlmc_test`` build the coupled level sampler from it, choose
+Lmin automatically when asked (before the driver runs) and call the driver or Giles' ``mlmc_test``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+
+from lightning_mlmc.errors import InputError, WeakConvergenceFailure
+from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_std
+from lightning_mlmc.mlmc.diagnostics import MLMCTestResult, mlmc_test
+from lightning_mlmc.mlmc.driver import MLMCResult, mlmc
+from lightning_mlmc.mlmc.levels import CoupledLevelSampler, check_M
+from lightning_mlmc.mlmc.lmin import choose_lmin
+from lightning_mlmc.mlmc.payoffs import PAYOFFS, PayoffName, make_payoff
+from lightning_mlmc.mlmc.state import DriverState, fingerprint
+from lightning_mlmc.sampling import SamplerName, StartDistribution, check_sampler
+from lightning_mlmc.schedule import GRID_KINDS, GridKind, TimeGrid
+
+Tensor = torch.Tensor
+
+
+@dataclass(frozen=True)
+class MLMCConfig:
+    """An MLMC scheme and the driver's settings (DESIGN.md sections 4 and 6; the CLI's option names).
+
+    Attributes:
+        grid, rho: the time-grid family and its warp exponent (None: the family's default).
+        coupling, data_std: how the coarse noise is built from the fine noises (``data_std``: the
+            ``jacobian`` coupling's data scale).
+        sampler: ``ddpm`` (stochastic) or ``ddim`` (deterministic; couples through x_T alone).
+        M: refinement factor; lmin: coarsest level or ``"auto"`` (chosen from a coupled pilot run);
+        lmax: finest level allowed; n0: pilot samples per level; theta: the bias share of eps^2.
+        payoff, clip: f (``second_moment``, ``mean``, ``moments``) and the clamp of samples before it.
+        batch_size: samples per batched network pass; seed: base seed of every noise stream.
+    """
+
+    grid: GridKind = "uniform"
+    rho: float | None = None
+    coupling: Coupling = "naive"
+    data_std: float = 0.5
+    sampler: SamplerName = "ddpm"
+    M: int = 2
+    lmin: int | Literal["auto"] = 0
+    lmax: int = 10
+    n0: int = 100
+    theta: float = 0.25
+    payoff: PayoffName = "second_moment"
+    clip: float | None = None
+    batch_size: int = 1000
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.grid not in GRID_KINDS:
+            raise InputError(f"grid: expected one of {', '.join(GRID_KINDS)}, got {self.grid!r}")
+        self.time_grid()  # checks rho
+        check_coupling(self.coupling)
+        check_data_std(self.data_std)
+        check_sampler(self.sampler)
+        check_M(self.M)
+        if self.lmin == "auto":
+            if self.lmax < 1:
+                raise InputError(f"lmax: expected at least 1 with lmin auto, got {self.lmax}")
+        elif not (isinstance(self.lmin, int) and 0 <= self.lmin < self.lmax):
+            raise InputError(f"lmin: expected 0 <= lmin < lmax (or 'auto'), got lmin={self.lmin}, lmax={self.lmax}")
+        if self.n0 < 2:
+            raise InputError(f"n0: expected at least 2 pilot samples, got {self.n0}")
+        if not 0 < self.theta < 1:
+            raise InputError(f"theta: expected 0 < theta < 1, got {self.theta}")
+        if self.payoff not in PAYOFFS:
+            raise InputError(f"payoff: expected one of {', '.join(PAYOFFS)}, got {self.payoff!r}")
+        if self.clip is not None and not (math.isfinite(self.clip) and self.clip > 0):
+            raise InputError(f"clip: expected a positive number, got {self.clip}")
+        if self.batch_size < 1:
+            raise InputError(f"batch_size: expected an integer >= 1, got {self.batch_size}")
+        if self.seed < 0:
+            raise InputError(f"seed: expected a non-negative integer, got {self.seed}")
+
+    def time_grid(self) -> TimeGrid:
+        return TimeGrid(self.grid, rho=self.rho)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def level_sampler(self, model, y: Tensor | None, shape, *, start: StartDistribution | None = None,
+                      dtype=torch.float64, device="cpu", seed: int | None = None) -> CoupledLevelSampler:
+        """The coupled level sampler of this scheme (at Lmin 0 when Lmin is automatic: ``run_mlmc`` picks it)."""
+        return CoupledLevelSampler(model, y, shape, M=self.M, lmin=0 if self.lmin == "auto" else self.lmin,
+                                   sampler=self.sampler, coupling=self.coupling, data_std=self.data_std,
+                                   payoff=make_payoff(self.payoff, self.clip), start=start, grid=self.time_grid(),
+                                   seed=self.seed if seed is None else seed, dtype=dtype, device=device)
+
+    def state_key(self, **extra) -> str:
+        """What identifies the run in a ``--state`` file besides the driver's own settings (``extra``: the
+        problem, the start distribution)."""
+        key = {**extra, "grid": self.grid, "rho": self.rho, "seed": self.seed, "payoff": self.payoff,
+               "clip": self.clip, "sampler": self.sampler, "coupling": self.coupling, "lmin": self.lmin}
+        if self.coupling == "jacobian":
+            key["data_std"] = self.data_std
+        return fingerprint(**key)
+
+
+def mlmc_auto(levels: CoupledLevelSampler, eps: float, *, lmax: int = 10, n0: int = 100,
+              batch_size: int = 1000, state_path: str | None = None, **driver_kw) -> MLMCResult:
+    """The adaptive driver with Lmin chosen first from a coupled pilot (``choose_lmin``; a resumed run keeps
+    the saved choice). The pilot's levels above Lmin are reused by the driver and the rest is counted in
+    ``nfe``; ``levels`` itself is not changed (the driver gets a copy at the chosen Lmin)."""
+    tic = time.perf_counter()
+    pilot, lmin = None, DriverState.peek_lmin(state_path) if state_path else None
+    if lmin is None:
+        pilot = choose_lmin(levels, n0, lmax, batch_size=batch_size)
+        lmin = pilot.lmin
+    pilot_seconds = time.perf_counter() - tic
+    try:
+        result = mlmc(levels.with_lmin(lmin), eps, lmax=lmax, n0=n0, batch_size=batch_size, state_path=state_path,
+                      pilot=pilot, **driver_kw)
+    except WeakConvergenceFailure as failure:  # the estimate so far rides along; its wall time too
+        failure.result.wall_seconds += pilot_seconds
+        raise
+    result.wall_seconds += pilot_seconds
+    return result
+
+
+def run_mlmc(config: MLMCConfig, levels: CoupledLevelSampler, eps: float, *, state_path: str | None = None,
+             state_key: str = "") -> MLMCResult:
+    """Giles' adaptive MLMC with ``config``'s settings on ``levels`` (``config.level_sampler(...)``), Lmin
+    chosen automatically first when ``config.lmin`` is ``"auto"`` (``mlmc_auto``)."""
+    run = mlmc_auto if config.lmin == "auto" else mlmc
+    return run(levels, eps, lmax=config.lmax, n0=config.n0, theta=config.theta, batch_size=config.batch_size,
+               state_path=state_path, state_key=state_key)
+
+
+def run_mlmc_test(config: MLMCConfig, levels: CoupledLevelSampler, finest: int, samples: int,
+                  eps_list=()) -> MLMCTestResult:
+    """Giles' ``mlmc_test`` with ``config``'s settings (a fixed Lmin) on ``levels``."""
+    if config.lmin == "auto":
+        raise InputError("lmin: 'auto' is for mlmc; mlmc-test tabulates the fixed levels lmin..levels")
+    return mlmc_test(levels, finest, samples, eps_list, n0=config.n0, theta=config.theta, lmax=config.lmax,
+                     batch_size=config.batch_size)

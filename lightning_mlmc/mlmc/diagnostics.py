@@ -1,0 +1,129 @@
+"""Giles' ``mlmc_test``: the convergence table of fixed levels (with kurtosis and the consistency check),
+the fitted rates, and the complexity table of adaptive runs at a list of eps."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from lightning_mlmc.errors import InputError, WeakConvergenceFailure
+from lightning_mlmc.mlmc.driver import fit_growth, fit_rate, mlmc
+from lightning_mlmc.mlmc.levels import LevelFunction
+from lightning_mlmc.mlmc.sums import level_stats, sample_level
+
+KURTOSIS_WARNING = 100.0  # Giles: above this the variance estimates of the finest level are unreliable
+CHECK_WARNING = 1.0  # Giles: above this E[P_f - P_c] and E[P_f] - E[P_c] disagree (a coupling error)
+
+
+@dataclass
+class ConvergenceRow:
+    level: int
+    mean: float  # ave(Pf - Pc) (RMS over pixels)
+    mean_fine: float  # ave(Pf)
+    var: float  # var(Pf - Pc)
+    var_fine: float  # var(Pf)
+    kurtosis: float
+    check: float  # Giles' consistency check, RMS over pixels
+    cost: float
+    calls: int
+
+
+@dataclass
+class ComplexityRow:
+    eps: float
+    value: float  # RMS over pixels of the estimate
+    mlmc_cost: float
+    std_cost: float
+    savings: float
+    N_l: list
+    converged: bool
+
+
+@dataclass
+class MLMCTestResult:
+    rows: list[ConvergenceRow]
+    alpha: float
+    beta: float
+    gamma: float
+    complexity: list[ComplexityRow] = field(default_factory=list)
+    wall_seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def tables(self) -> str:
+        out = ["l  ave(Pf-Pc)  ave(Pf)  var(Pf-Pc)  var(Pf)  kurtosis  check  cost"]
+        for r in self.rows:
+            out.append(f"{r.level:<2d} {r.mean:11.4e} {r.mean_fine:9.4e} {r.var:11.4e} {r.var_fine:9.4e} "
+                       f"{r.kurtosis:9.2f} {r.check:6.3f} {r.cost:6.0f}")
+        out.extend(f"WARNING: {w}" for w in self.warnings)
+        out.append(f"alpha = {self.alpha:.3f}  beta = {self.beta:.3f}  gamma = {self.gamma:.3f}")
+        if self.complexity:
+            out.append("eps  value  mlmc_cost  std_cost  savings  N_l")
+            for c in self.complexity:
+                out.append(f"{c.eps:.4g} {c.value:.5g} {c.mlmc_cost:.4g} {c.std_cost:.4g} "
+                           f"{c.savings:.2f} {' '.join(str(n) for n in c.N_l)}")
+        return "\n".join(out)
+
+
+def consistency_check(prev, y1, f1, var_y, var_f, n: int) -> float:
+    """Giles' check |E[Pf - Pc] + E[P_(l-1)] - E[P_l]| / (3 (sd(Y_l) + sd(P_(l-1)) + sd(P_l)) / sqrt(N)), as the
+    RMS over pixels; ``prev`` is (E[P_(l-1)], V[P_(l-1)]) of the level below (None at Lmin: 0)."""
+    if prev is None:
+        return 0.0
+    pf1, pvar_f = prev
+    num = (y1 + pf1 - f1).abs()
+    den = 3.0 * (var_y.sqrt() + pvar_f.sqrt() + var_f.sqrt()) / math.sqrt(n)
+    ok = den > 0
+    return float((num[ok] / den[ok]).pow(2).mean().sqrt()) if ok.any() else 0.0
+
+
+def mlmc_test(levels: LevelFunction, finest: int, samples: int, eps_list=(), *, n0: int = 100, theta: float = 0.25,
+              lmax: int = 10, batch_size: int = 1000) -> MLMCTestResult:
+    """Giles' mlmc_test: ``samples`` coupled samples on every level Lmin..``finest``, the convergence table
+    with kurtosis and the consistency check (and his warnings), fitted rates, then one adaptive run per eps."""
+    if finest <= levels.lmin:
+        raise InputError(f"levels: expected more than lmin = {levels.lmin}, got {finest}")
+    tic = time.perf_counter()
+    rows, prev = [], None
+    for l in range(levels.lmin, finest + 1):
+        s, _ = sample_level(levels, l, samples, batch_size, 0, levels.pixels)
+        st = level_stats(l, s, levels.cost(l))
+        n = s.n
+        y1, f1 = s.sums["y1"] / n, s.sums["f1"] / n
+        var_y = (s.sums["y2"] / n - y1**2).clamp_min(0)
+        var_f = (s.sums["f2"] / n - f1**2).clamp_min(0)
+        check = consistency_check(prev, y1, f1, var_y, var_f, n)
+        prev = (f1, var_f)
+        rows.append(ConvergenceRow(l, st.mean, st.mean_fine, st.var, st.var_fine, st.kurtosis, check, st.cost, s.calls))
+    coupled = [r for r in rows if r.level > levels.lmin]
+    lv = [r.level for r in coupled]
+    alpha = fit_rate(lv, [r.mean for r in coupled], levels.M)
+    beta = fit_rate(lv, [r.var for r in coupled], levels.M)
+    gamma = fit_growth(lv, [r.cost for r in coupled], levels.M)
+    res = MLMCTestResult(rows, alpha, beta, gamma, warnings=_warnings(rows))
+    for e in eps_list:
+        try:
+            r, converged = mlmc(levels, e, lmax=lmax, n0=n0, theta=theta, batch_size=batch_size), True
+        except WeakConvergenceFailure as fail:
+            r, converged = fail.result, False
+        res.complexity.append(ComplexityRow(e, float(np.sqrt(np.mean(np.square(r.estimate)))), r.nfe, r.nfe_mc,
+                                            r.savings, [lv_.n_samples for lv_ in r.levels], converged))
+    res.wall_seconds = time.perf_counter() - tic
+    return res
+
+
+def _warnings(rows: list[ConvergenceRow]) -> list[str]:
+    out = []
+    if rows[-1].kurtosis > KURTOSIS_WARNING:
+        out.append(f"kurtosis on the finest level = {rows[-1].kurtosis:.3g}: its variance estimate is unreliable "
+                   "(heavy-tailed level differences)")
+    worst = max(rows, key=lambda r: r.check)
+    if worst.check > CHECK_WARNING:
+        out.append(f"maximum consistency error = {worst.check:.3g} at level {worst.level}: E[P_l - P_(l-1)] and "
+                   "E[P_l] - E[P_(l-1)] disagree (a coupling or level-function error)")
+    return out

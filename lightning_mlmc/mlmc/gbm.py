@@ -1,0 +1,64 @@
+"""Giles' classic MLMC test problem, a level function that is not a diffusion model: a European call on
+geometric Brownian motion, dS = r S dt + sigma S dW, discretised by Euler-Maruyama with M^l steps (Giles,
+"Multilevel Monte Carlo path simulation", Oper. Res. 2008, section 5), with its exact Black-Scholes price.
+
+The coarse path of a level takes the sum of each M fine Brownian increments, so it has exactly the law of
+the previous level's fine path; the cost of a sample is its fine time steps, M^l (Giles' convention).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lightning_mlmc.mlmc.sums import LevelSums
+from lightning_mlmc.sampling import derive_seed
+
+
+def black_scholes_call(S0: float, K: float, r: float, sigma: float, T: float) -> float:
+    """The exact price exp(-rT) E[max(S_T - K, 0)] of a European call on geometric Brownian motion."""
+    d1 = (math.log(S0 / K) + (r + 0.5 * sigma**2) * T) / (sigma * math.sqrt(T))
+    d2 = d1 - sigma * math.sqrt(T)
+    cdf = lambda x: 0.5 * math.erfc(-x / math.sqrt(2.0))  # noqa: E731
+    return S0 * cdf(d1) - K * math.exp(-r * T) * cdf(d2)
+
+
+@dataclass(frozen=True)
+class GBMCall:
+    """MLMC levels of the discounted call payoff (a ``LevelFunction``: M, lmin, pixels, cost, call)."""
+
+    M: int = 4
+    lmin: int = 0
+    S0: float = 100.0
+    K: float = 100.0
+    r: float = 0.05
+    sigma: float = 0.2
+    T: float = 1.0
+    seed: int = 0
+    pixels: int = 1
+
+    @property
+    def exact(self) -> float:
+        return black_scholes_call(self.S0, self.K, self.r, self.sigma, self.T)
+
+    def cost(self, level: int) -> float:
+        return float(self.M**level)
+
+    def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, level, batch_index, rank))
+        M, nf = self.M, self.M**level
+        hf = self.T / nf
+        xf = torch.full((n,), self.S0, dtype=torch.float64)
+        xc = xf.clone()
+        for _ in range(nf // M if level > 0 else 1):
+            dw = torch.randn(n, M if level > 0 else 1, generator=g, dtype=torch.float64) * math.sqrt(hf)
+            for i in range(dw.shape[1]):
+                xf = xf + self.r * xf * hf + self.sigma * xf * dw[:, i]
+            if level > 0:
+                xc = xc + self.r * xc * M * hf + self.sigma * xc * dw.sum(1)
+        discount = math.exp(-self.r * self.T)
+        pf = discount * (xf - self.K).clamp_min(0.0)
+        pc = discount * (xc - self.K).clamp_min(0.0) if level > 0 else None
+        return LevelSums.from_payoffs(pf[:, None], None if pc is None else pc[:, None], n * nf)

@@ -1,0 +1,203 @@
+"""MLMC levels: the level-function protocol of the driver and the coupled diffusion level sampler.
+
+Level l runs the sampler with M^l fine steps; level l > Lmin returns the coupled difference
+P_l - P_(l-1), whose coarse path uses every M-th fine time, shares x_T and y with the fine path, and
+builds its noise from the M fine noises (``coarse_noise_weights``). As in pymlmc, a level function
+``levels(l, N, batch_index, rank) -> LevelSums`` is all the driver needs, plus what it knows about itself
+(``M``, ``lmin``, ``pixels``, ``cost``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from lightning_mlmc.diffusion import StepCoefficients, advance, step_coefficients
+from lightning_mlmc.errors import InputError, NumericalError
+from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_std, coarse_noise_weights
+from lightning_mlmc.mlmc.payoffs import apply_payoff, make_payoff
+from lightning_mlmc.mlmc.sums import LevelSums
+from lightning_mlmc.sampling import (
+    Model,
+    NoiseSource,
+    StartDistribution,
+    Streams,
+    batch_obs,
+    call_model,
+    check_sampler,
+    gaussian_start,
+)
+from lightning_mlmc.schedule import TimeGrid, VPSchedule
+
+Tensor = torch.Tensor
+
+
+def check_M(M) -> int:
+    if int(M) != M or M < 2:
+        raise InputError(f"M: expected an integer >= 2, got {M}")
+    return int(M)
+
+
+def level_cost(M: int, level: int, lmin: int) -> float:
+    """NFEs per sample of a level: M^l fine plus M^(l-1) coarse steps, M^lmin at the plain level Lmin."""
+    return float(M**level + (M ** (level - 1) if level > lmin else 0))
+
+
+@runtime_checkable
+class LevelFunction(Protocol):
+    """What the MLMC driver calls: ``levels(l, n, batch_index, rank) -> LevelSums`` of n samples of level l
+    from the noise stream (batch_index, rank), and what it knows about itself."""
+
+    M: int  # refinement factor
+    lmin: int  # the coarsest level (a plain, uncoupled estimator)
+    pixels: int  # payoff components
+
+    def cost(self, level: int) -> float:
+        """Cost per sample of a level (NFEs for the diffusion levels)."""
+
+    def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums: ...
+
+
+@dataclass(frozen=True)
+class UserLevels:
+    """A plain level function (pymlmc style) with what the driver needs to know about it.
+
+    Args:
+        fn: ``fn(level, n, batch_index, rank) -> LevelSums`` (``LevelSums.from_payoffs(pf, pc, cost)``
+            builds the sums from n fine and coarse payoffs; ``pc`` is None at Lmin). Use ``batch_index``
+            and ``rank`` to pick independent random streams.
+        M: refinement factor; lmin: coarsest level.
+        cost: cost per sample of a level (default M^l + M^(l-1), M^lmin at Lmin).
+        pixels: payoff components (probed with 2 samples on a stream no estimate uses when omitted).
+    """
+
+    fn: Callable[..., LevelSums]
+    M: int = 2
+    lmin: int = 0
+    cost_fn: Callable[[int], float] | None = None
+    pixels: int = 0
+
+    def __post_init__(self):
+        check_M(self.M)
+        if self.pixels <= 0:
+            object.__setattr__(self, "pixels", self.fn(self.lmin, 2, Streams.PROBE_BATCH, 0).pixels)
+
+    def cost(self, level: int) -> float:
+        return self.cost_fn(level) if self.cost_fn is not None else level_cost(self.M, level, self.lmin)
+
+    def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums:
+        return self.fn(level, n, batch_index, rank)
+
+
+class CoupledLevelSampler:
+    """Draws coupled (fine, coarse) sampler paths for a level; the level function of the MLMC driver.
+
+    Args:
+        model: eps-predictor ``model(x_t, y, t)``; y: observation (leading batch dim 1).
+        shape: event shape of one sample.
+        M: refinement factor; lmin: the coarsest level (plain, uncoupled).
+        sampler: ``"ddpm"`` or ``"ddim"`` (the deterministic sampler couples through x_T alone).
+        coupling: ``"naive"`` (sum / sqrt(M), the default: 25-35% smaller V_l at fine levels, exactly on the
+            Gaussian oracle for every grid and measured on the trained digits model, benchmarks/mlmc_grids.py)
+            or ``"weighted"`` (the seed's variance-coefficient weights), or ``"jacobian"`` (weights carried by
+            the full step Jacobian for Gaussian data of per-pixel std ``data_std``; see
+            ``coarse_noise_weights``).
+        data_std: the ``jacobian`` coupling's data scale (0.5: images in [-1, 1]).
+        payoff: per-pixel payoff (see ``make_payoff``).
+        seed: base seed; each (level, batch, rank) has its own stream.
+    """
+
+    def __init__(self, model: Model, y: Tensor | None, shape, *, M: int = 2, lmin: int = 0,
+                 sampler: str = "ddpm", coupling: Coupling = "naive", data_std: float = 0.5, payoff="second_moment",
+                 start: StartDistribution | None = None, grid: TimeGrid | None = None,
+                 schedule: VPSchedule | None = None, seed: int = 0, dtype=torch.float64, device="cpu"):
+        self.model, self.y, self.shape = model, y, tuple(shape)
+        self.M, self.lmin = check_M(M), int(lmin)
+        self.sampler, self.coupling = check_sampler(sampler), check_coupling(coupling)
+        self.data_std = check_data_std(data_std)
+        self.payoff = make_payoff(payoff) if not callable(payoff) or isinstance(payoff, str) else payoff
+        self.start = start or gaussian_start()
+        self.grid, self.schedule = grid or TimeGrid(), schedule or VPSchedule()
+        self.seed, self.dtype, self.device = int(seed), dtype, device
+        # Payoff components (n for per-pixel payoffs, 2n for moments), found by applying it once.
+        self.pixels = int(apply_payoff(self.payoff, torch.zeros(1, int(np.prod(self.shape)))).shape[1])
+        self._coef: dict[int, StepCoefficients] = {}
+        self._weights: dict[int, list[list[float]]] = {}
+
+    def with_lmin(self, lmin: int) -> "CoupledLevelSampler":
+        """The same levels with another coarsest level (sharing this sampler's caches)."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.lmin = int(lmin)
+        return copy
+
+    def cost(self, level: int) -> float:
+        """NFEs per sample: M^l + M^(l-1), or M^l at Lmin."""
+        return level_cost(self.M, level, self.lmin)
+
+    def coefficients(self, steps: int) -> StepCoefficients:
+        """The step coefficients of the grid with ``steps`` steps (cached)."""
+        if steps not in self._coef:
+            times = self.grid.times(steps, self.start.t, self.schedule)
+            self._coef[steps] = step_coefficients(times, self.sampler == "ddpm", self.schedule)
+        return self._coef[steps]
+
+    def coarse_weights(self, steps: int) -> list[list[float]]:
+        """The coarse-noise weights of every coarse step of a fine grid with ``steps`` steps (cached)."""
+        if steps not in self._weights:
+            cf = self.coefficients(steps)
+            self._weights[steps] = [coarse_noise_weights(cf, j, self.M, self.coupling, self.data_std).tolist()
+                                    for j in range(steps // self.M)]
+        return self._weights[steps]
+
+    @torch.no_grad()
+    def paths(self, level: int, noise: NoiseSource) -> tuple[Tensor, Tensor | None, int]:
+        """Coupled fine and coarse samples of one batch: (x_fine, x_coarse or None, network evaluations)."""
+        M, n_f = self.M, self.M**level
+        cf = self.coefficients(n_f)
+        coupled = level > self.lmin
+        cc = self.coefficients(n_f // M) if coupled else None
+        weights = self.coarse_weights(n_f) if coupled else None
+        x_f = self.start.sample(noise.start())
+        x_c = x_f.clone() if coupled else None
+        batch = x_f.shape[0]
+        y1, y2 = batch_obs(self.y, batch), batch_obs(self.y, 2 * batch) if coupled else None
+        calls = 0
+        for j in range(n_f // M if coupled else n_f):
+            xi_c = None
+            for i in range(M if coupled else 1):
+                k = j * M + i if coupled else j
+                if coupled and i == 0:
+                    # Fine and coarse evaluate at the same time: one batched call.
+                    eps = call_model(self.model, torch.cat([x_f, x_c]), y2, cf.t[k])
+                    eps_f, eps_c = eps[:batch], eps[batch:]
+                    calls += 2 * batch
+                else:
+                    eps_f = call_model(self.model, x_f, y1, cf.t[k])
+                    calls += batch
+                xi = noise.step(k) if cf.noise[k] > 0 else None
+                if coupled and xi is not None:
+                    w = weights[j][i]
+                    xi_c = w * xi if xi_c is None else xi_c + w * xi
+                x_f = advance(x_f, eps_f, cf, k, xi)
+                if not torch.isfinite(x_f).all():
+                    raise NumericalError(f"non-finite values (NaN or Inf) in the fine path at level {level}, "
+                                         f"step {k} (t = {float(cf.t[k]):.6g})")
+            if coupled:
+                x_c = advance(x_c, eps_c, cc, j, xi_c)
+                if not torch.isfinite(x_c).all():
+                    raise NumericalError(f"non-finite values (NaN or Inf) in the coarse path at level {level}, "
+                                         f"coarse step {j} (t = {float(cc.t[j]):.6g})")
+        return x_f, x_c, calls
+
+    def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums:
+        """Sums over ``n`` coupled samples of level ``level`` from stream (seed, level, batch_index, rank)."""
+        noise = NoiseSource(self.seed, (n, *self.shape), stream=(level, batch_index, rank),
+                            dtype=self.dtype, device=self.device)
+        x_f, x_c, calls = self.paths(level, noise)
+        pf = apply_payoff(self.payoff, x_f).cpu()
+        pc = None if x_c is None else apply_payoff(self.payoff, x_c).cpu()
+        return LevelSums.from_payoffs(pf, pc, calls)

@@ -1,0 +1,127 @@
+"""Per-level sample sums, the statistics Giles' algorithm reads from them, and their reduction across ranks.
+
+Vector payoffs (n pixels): ``mean`` is the RMS over pixels of the per-pixel mean of Y_l, ``var`` the mean
+over pixels of the per-pixel variance (DESIGN.md section 4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Tensor = torch.Tensor
+SUM_NAMES = ("y1", "y2", "y3", "y4", "f1", "f2", "c1", "c2")
+
+
+@dataclass
+class LevelSums:
+    """Per-pixel sums over samples of Y = P_f - P_c (powers 1-4), of P_f and P_c (powers 1-2), with costs.
+
+    Attributes:
+        n: samples summed.
+        sums: name (``SUM_NAMES``) -> float64 tensor of shape (pixels,).
+        calls: network evaluations actually made (sample rows passed to the model).
+    """
+
+    n: int
+    sums: dict
+    calls: int
+
+    @classmethod
+    def zeros(cls, pixels: int) -> "LevelSums":
+        return cls(0, {k: torch.zeros(pixels, dtype=torch.float64) for k in SUM_NAMES}, 0)
+
+    def add(self, other: "LevelSums") -> None:
+        self.n += other.n
+        self.calls += other.calls
+        for k in SUM_NAMES:
+            self.sums[k] = self.sums[k] + other.sums[k]
+
+    @classmethod
+    def from_payoffs(cls, pf: Tensor, pc: Tensor | None, calls: int) -> "LevelSums":
+        """Sums of N samples: fine payoffs ``pf`` (N, k) and coarse ``pc`` (None at the coarsest level)."""
+        y = pf if pc is None else pf - pc
+        pc = torch.zeros_like(pf) if pc is None else pc
+        s = {"y1": y.sum(0), "y2": (y**2).sum(0), "y3": (y**3).sum(0), "y4": (y**4).sum(0),
+             "f1": pf.sum(0), "f2": (pf**2).sum(0), "c1": pc.sum(0), "c2": (pc**2).sum(0)}
+        return cls(pf.shape[0], s, calls)
+
+    @property
+    def pixels(self) -> int:
+        return int(self.sums["y1"].numel())
+
+
+@dataclass
+class LevelStats:
+    """Statistics of one level; ``to_json`` of a result keeps the DESIGN.md keys ``level, n_samples, mean,
+    var, cost`` and the diagnostics."""
+
+    level: int
+    n_samples: int
+    mean: float  # RMS over pixels of the per-pixel mean of Y_l
+    var: float  # mean over pixels of the per-pixel variance of Y_l
+    cost: float  # NFEs per sample from the formula
+    mean_fine: float  # RMS over pixels of E[P_l]
+    var_fine: float  # mean over pixels of V[P_l]
+    kurtosis: float
+    calls: int  # network evaluations counted
+
+
+def level_stats(level: int, s: LevelSums, cost: float) -> LevelStats:
+    n = max(s.n, 1)
+    m1, m2 = s.sums["y1"] / n, s.sums["y2"] / n
+    m3, m4 = s.sums["y3"] / n, s.sums["y4"] / n
+    var = (m2 - m1**2).clamp_min(0.0)
+    f1, f2 = s.sums["f1"] / n, s.sums["f2"] / n
+    central4 = m4 - 4 * m3 * m1 + 6 * m2 * m1**2 - 3 * m1**4
+    ok = var > 1e-300
+    kurt = float((central4[ok] / var[ok] ** 2).mean()) if ok.any() else 0.0
+    return LevelStats(level, s.n, float(m1.pow(2).mean().sqrt()), float(var.mean()), cost,
+                      float(f1.pow(2).mean().sqrt()), float((f2 - f1**2).clamp_min(0).mean()), kurt, s.calls)
+
+
+# ----------------------------------------------------------------------------------------------
+# Across ranks (torch.distributed, e.g. Lightning DDP): each rank draws its share with its own stream.
+
+
+def _dist():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist
+    return None
+
+
+def rank_share(n: int) -> tuple[int, int]:
+    """(this rank's share of n samples, rank); (n, 0) outside torch.distributed."""
+    dist = _dist()
+    if dist is None:
+        return n, 0
+    world, rank = dist.get_world_size(), dist.get_rank()
+    return n // world + (1 if rank < n % world else 0), rank
+
+
+def all_reduce(s: LevelSums) -> LevelSums:
+    """The sums over every rank (the identity outside torch.distributed)."""
+    dist = _dist()
+    if dist is None:
+        return s
+    keys = list(SUM_NAMES)
+    flat = torch.cat([s.sums[k] for k in keys] + [torch.tensor([s.n, s.calls], dtype=torch.float64)])
+    dist.all_reduce(flat)
+    p = s.sums["y1"].numel()
+    sums = {k: flat[i * p : (i + 1) * p].clone() for i, k in enumerate(keys)}
+    return LevelSums(int(flat[-2].item()), sums, int(flat[-1].item()))
+
+
+def sample_level(level_fn, level: int, n: int, batch_size: int, first_batch: int, pixels: int) -> tuple[LevelSums, int]:
+    """``n`` samples of a level in batches of ``batch_size`` (each shared across ranks, streams
+    ``first_batch``, ``first_batch + 1``, ...); returns the reduced sums and the number of batches used."""
+    total, b = LevelSums.zeros(pixels), first_batch
+    while n > 0:
+        nb = min(batch_size, n)
+        share, rank = rank_share(nb)
+        total.add(all_reduce(level_fn(level, share, b, rank) if share > 0 else LevelSums.zeros(pixels)))
+        n, b = n - nb, b + 1
+    return total, b - first_batch
