@@ -104,10 +104,11 @@ def rmse_to_truth(estimate, truth) -> float:
     return float((torch.as_tensor(estimate, dtype=torch.float64) - truth).pow(2).mean().sqrt())
 
 
-def run_mlmc(target: Target, scheme: MLMCConfig, eps: float, seed: int, *, n0: int = 100, lmax: int = 11,
-             batch_size: int = 2000) -> dict:
+def run_mlmc(target: Target, scheme: MLMCConfig, eps: float, seed: int, *, n0: int | None = None,
+             lmax: int | None = None, batch_size: int = 2000) -> dict:
+    """One adaptive MLMC run of ``scheme`` (its n0 and lmax unless given), with a timer around the network."""
     timed = TimedModel(target.model)
-    config = replace(scheme, n0=n0, lmax=lmax, batch_size=batch_size, seed=seed)
+    config = replace(scheme, n0=n0 or scheme.n0, lmax=lmax or scheme.lmax, batch_size=batch_size, seed=seed)
     s = make_sampler(target, config, seed, timed)
     tic = time.perf_counter()
     try:
@@ -115,23 +116,24 @@ def run_mlmc(target: Target, scheme: MLMCConfig, eps: float, seed: int, *, n0: i
     except WeakConvergenceFailure as e:
         r, converged = e.result, False
     wall = time.perf_counter() - tic
-    out = {"scheme": label(scheme), "eps": eps, "seed": seed, "converged": converged, "lmin": r.lmin,
-           "L": r.levels[-1].level, "N_l": [lv.n_samples for lv in r.levels],
+    out = {"scheme": label(scheme), "eps": eps, "seed": seed, "converged": converged, "method": r.method,
+           "lmin": r.lmin, "L": r.levels[-1].level, "N_l": [lv.n_samples for lv in r.levels],
            "V_l": [lv.var for lv in r.levels], "mean_l": [lv.mean for lv in r.levels],
-           "var_fine": [lv.var_fine for lv in r.levels], "alpha": r.alpha, "beta": r.beta, "gamma": r.gamma,
-           "nfe": r.nfe, "nfe_counted": r.nfe_counted, "pilot_nfe": r.pilot_nfe, "nfe_mc_predicted": r.nfe_mc,
-           "savings_predicted": r.savings, "rmse_bound": r.rmse_bound, "wall_seconds": wall,
-           "network_seconds": timed.seconds, "network_fraction": timed.seconds / wall, "estimate": r.estimate}
+           "mean_debiased": [lv.mean_debiased for lv in r.levels], "var_fine": [lv.var_fine for lv in r.levels],
+           "alpha": r.alpha, "beta": r.beta, "gamma": r.gamma, "nfe": r.nfe, "nfe_counted": r.nfe_counted,
+           "network_rows": timed.rows, "pilot_nfe": r.pilot_nfe, "rounds": r.rounds, "nfe_mc": r.nfe_mc,
+           "mc_steps": r.mc_steps, "mc_samples": r.mc_samples, "savings": r.savings,
+           "nfe_mc_same_grid": r.nfe_mc_same_grid, "savings_same_grid": r.savings_same_grid,
+           "rmse_bound": r.rmse_bound, "wall_seconds": wall, "network_seconds": timed.seconds,
+           "network_fraction": timed.seconds / wall, "estimate": r.estimate}
     if target.truth is not None:
         out["error"] = rmse_to_truth(r.estimate, target.truth)
     return out
 
 
-def run_mc(target: Target, scheme: MLMCConfig, eps: float, L: int, var_pl: float, seed: int, *,
-           theta: float = 0.25, batch_size: int = 2000) -> dict:
-    """Plain MC at matched eps on the finest grid (M^L steps): N = V[P_L] / ((1 - theta) eps^2)."""
-    steps = scheme.M**L
-    n = max(2, math.ceil(var_pl / ((1 - theta) * eps**2)))
+def run_mc(target: Target, scheme: MLMCConfig, steps: int, n: int, seed: int, *, batch_size: int = 2000) -> dict:
+    """Plain MC with ``n`` samples of the ``steps``-step sampler on the scheme's grid (the alternative an MLMC
+    result names: ``mc_steps`` x ``mc_samples``), its network rows counted."""
     payoff = make_payoff("second_moment")
     timed = TimedModel(target.model)
     total = torch.zeros(int(np.prod(target.shape)), dtype=torch.float64)
@@ -144,7 +146,7 @@ def run_mc(target: Target, scheme: MLMCConfig, eps: float, L: int, var_pl: float
         total += payoff(x.reshape(nb, -1)).double().sum(0).cpu()
         done, b = done + nb, b + 1
     est = total / n
-    out = {"scheme": label(scheme), "eps": eps, "seed": seed, "steps": steps, "n_samples": n, "nfe": timed.rows,
+    out = {"scheme": label(scheme), "seed": seed, "steps": steps, "n_samples": n, "nfe": timed.rows,
            "wall_seconds": time.perf_counter() - tic, "estimate": est.tolist()}
     if target.truth is not None:
         out["error"] = rmse_to_truth(est, target.truth)

@@ -41,7 +41,7 @@ def main(argv=None) -> int:
         target = trained_target(checkpoint, observation, TRAINED_MODELS[args.model], device=device)
         run_mlmc(target, scheme, 0.1, args.seed + 1)  # untimed warm-up (CUDA context, kernels, autotuning)
         ml = run_mlmc(target, scheme, args.eps, args.seed)
-        mc = run_mc(target, scheme, args.eps, ml["L"], ml["var_fine"][-1], args.seed + 1000)
+        mc = run_mc(target, scheme, ml["mc_steps"], ml["mc_samples"], args.seed + 1000)
         estimates[device] = np.asarray(ml["estimate"])
         rows.append({"device": device, "mlmc": slim(ml), "mc": slim(mc),
                      "savings_nfe": mc["nfe"] / ml["nfe"], "savings_wall": mc["wall_seconds"] / ml["wall_seconds"]})

@@ -1,95 +1,144 @@
-"""MLMC against plain Monte Carlo at matched eps: measured NFEs, measured RMSE, rates, savings, network time.
+"""MLMC against the cheapest plain Monte Carlo, side by side in one run, measured.
 
-For each problem and eps: ``--repeats`` adaptive MLMC runs (different seeds) and as many plain-MC runs on
-the finest grid MLMC chose, with N = V[P_L] / ((1 - theta) eps^2). The RMSE is measured against the exact
-posterior second moment (analytic inpainting, examples/inpaint4x4.json) or against a long reference MLMC
-run at ``--reference-eps`` (trained digits super-resolution model; the reference's own rmse_bound is
-recorded). Also the fraction of MLMC wall time spent inside the network (timer around every call).
+For each problem, scheme and eps: ``--repeats`` adaptive MLMC runs (different seeds) and, for each, the plain
+MC estimator its result names (``mc_steps`` x ``mc_samples``: the fewest NFEs of a plain MC that meets eps by
+the run's own estimates) run for real, so both NFE columns are counted network rows and both errors are
+measured: against the exact posterior second moment (analytic inpaint4x4), the Black-Scholes price (Giles'
+GBM call) or a long reference MLMC run (the trained digits super-resolution model). Giles' same-grid figure
+(plain MC on the run's finest grid, V[P_L] C_L / ((1 - theta) eps^2)) is reported beside it.
 
-    .venv/bin/python -m benchmarks.mlmc_vs_mc                      # both problems, writes results/mlmc_vs_mc.json
-    .venv/bin/python -m benchmarks.mlmc_vs_mc --problems analytic  # seconds; no trained model needed
+    .venv/bin/python -m benchmarks.mlmc_vs_mc                          # all problems
+    .venv/bin/python -m benchmarks.mlmc_vs_mc --problems gbm analytic  # minutes; no trained model needed
 
-The digits rows need a trained model: ``make demo`` writes runs/digits_superres/export and observation_0.npz.
+The digits rows need `make demo`'s model (runs/digits_superres/export, observation_0.npz). Writes
+benchmarks/results/mlmc_vs_mc.json; `python -m benchmarks.mlmc_tables` prints the README tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 
 import numpy as np
 import torch
 
 from benchmarks.machine import machine_info
-from benchmarks.mlmc_bench import (ROOT, analytic_target, label, log, make_scheme, run_mc, run_mlmc, slim,
-                                   summarise, trained_target, write_result)
-
-from lightning_mlmc.mlmc import MLMCConfig
+from benchmarks.mlmc_bench import (ROOT, analytic_target, label, log, run_mc, run_mlmc, slim, trained_model_paths,
+                                   trained_target, write_result)
+from lightning_mlmc import WeakConvergenceFailure
+from lightning_mlmc.mlmc import MLMCConfig, mlmc
+from lightning_mlmc.mlmc.gbm import GBMCall
 from lightning_mlmc.problems import AnalyticSpec
 
+SCHEMES = {"default": MLMCConfig(), "seed": MLMCConfig.from_scheme("seed")}
+EPS = {"digits": [0.1, 0.05, 0.02, 0.01, 0.005], "analytic": [0.1, 0.05, 0.02], "gbm": [0.1, 0.05, 0.02]}
+REPEATS = {"digits": 3, "analytic": 4, "gbm": 20}
 
-def compare(target, scheme: MLMCConfig, eps_list, repeats: int, n0: int) -> list[dict]:
-    rows = []
-    for eps in eps_list:
-        ml = [run_mlmc(target, scheme, eps, seed, n0=n0) for seed in range(repeats)]
-        # Paired: each MC run uses the finest grid and V[P_L] of the MLMC run with the same index.
-        mc = [run_mc(target, scheme, eps, r["L"], r["var_fine"][-1], 1000 + i) for i, r in enumerate(ml)]
-        sm, sc = summarise(ml), summarise(mc)
-        row = {
-            "problem": target.name, "scheme": label(scheme), "eps": eps, "repeats": repeats, "L": [r["L"] for r in ml],
-            "lmin": [r["lmin"] for r in ml], "mlmc_nfe": sm["nfe_mean"], "mc_nfe": sc["nfe_mean"],
-            "savings_measured": sc["nfe_mean"] / sm["nfe_mean"],
-            "savings_predicted": float(np.mean([r["savings_predicted"] for r in ml])),
-            "mlmc_rmse": sm.get("rmse_measured"), "mc_rmse": sc.get("rmse_measured"),
-            "rmse_bound_mean": float(np.mean([r["rmse_bound"] for r in ml])),
-            "alpha": float(np.mean([r["alpha"] for r in ml])), "beta": float(np.mean([r["beta"] for r in ml])),
-            "network_fraction": float(np.mean([r["network_fraction"] for r in ml])),
-            "mlmc_wall_seconds": float(np.mean([r["wall_seconds"] for r in ml])),
-            "mc_wall_seconds": float(np.mean([r["wall_seconds"] for r in mc])),
-            "converged": all(r["converged"] for r in ml),
-            "mlmc_runs": [slim(r) for r in ml], "mc_runs": [slim(r) for r in mc],
-        }
-        log(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs")}))
-        rows.append(row)
-    return rows
+
+def rmse(errors) -> float:
+    return float(math.sqrt(np.mean(np.square(errors))))
+
+
+def diffusion_rows(target, scheme_name: str, eps: float, repeats: int) -> dict:
+    scheme = SCHEMES[scheme_name]
+    ml = [run_mlmc(target, scheme, eps, seed) for seed in range(repeats)]
+    mc = [run_mc(target, scheme, r["mc_steps"], r["mc_samples"], 1000 + i) for i, r in enumerate(ml)]
+    return summary(target.name, scheme_name, label(scheme), eps, ml, mc)
+
+
+def gbm_rows(eps: float, repeats: int) -> dict:
+    """Giles' test (M = 4, N0 = 1000), with its plain-MC alternative run at the named level."""
+    ml, mc = [], []
+    for seed in range(repeats):
+        g = GBMCall(seed=seed)
+        try:
+            r, converged = mlmc(g, eps, n0=1000), True
+        except WeakConvergenceFailure as e:
+            r, converged = e.result, False
+        ml.append({"seed": seed, "converged": converged, "method": r.method, "L": r.levels[-1].level,
+                   "N_l": [lv.n_samples for lv in r.levels], "nfe": r.nfe, "network_rows": r.nfe_counted,
+                   "rounds": r.rounds, "alpha": r.alpha, "beta": r.beta, "nfe_mc": r.nfe_mc,
+                   "mc_steps": r.mc_steps, "mc_samples": r.mc_samples, "savings": r.savings,
+                   "savings_same_grid": r.savings_same_grid, "rmse_bound": r.rmse_bound,
+                   "error": abs(r.estimate[0] - g.exact)})
+        level = round(math.log(r.mc_steps, g.M))
+        s = g.with_lmin(level)(level, r.mc_samples, 10_000 + seed, 0)
+        mc.append({"seed": seed, "steps": r.mc_steps, "n_samples": s.n, "nfe": s.calls,
+                   "error": abs(float(s.sums["f1"][0]) / s.n - g.exact)})
+    return summary("Giles' GBM European call (Euler-Maruyama, M = 4)", "giles", "M=4, N0=1000", eps, ml, mc)
+
+
+def summary(problem, scheme_name, scheme_label, eps, ml, mc) -> dict:
+    row = {
+        "problem": problem, "scheme": scheme_name, "scheme_label": scheme_label, "eps": eps, "repeats": len(ml),
+        "methods": [r["method"] for r in ml], "L": [r["L"] for r in ml], "rounds": [r["rounds"] for r in ml],
+        "mlmc_nfe": float(np.mean([r["nfe"] for r in ml])), "mc_nfe": float(np.mean([r["nfe"] for r in mc])),
+        "mc_steps": [r["steps"] for r in mc], "mc_samples": [r["n_samples"] for r in mc],
+        "savings_measured": float(np.mean([r["nfe"] for r in mc]) / np.mean([r["nfe"] for r in ml])),
+        "savings_reported": float(np.mean([r["savings"] for r in ml])),
+        "savings_same_grid": float(np.median([r["savings_same_grid"] for r in ml])),
+        "mlmc_rmse": rmse([r["error"] for r in ml]), "mc_rmse": rmse([r["error"] for r in mc]),
+        "rmse_bound_mean": float(np.mean([r["rmse_bound"] for r in ml])),
+        "alpha": float(np.mean([r["alpha"] for r in ml])), "beta": float(np.mean([r["beta"] for r in ml])),
+        "converged": all(r["converged"] for r in ml),
+        "mlmc_wall_seconds": float(np.mean([r.get("wall_seconds", math.nan) for r in ml])),
+        "mc_wall_seconds": float(np.mean([r.get("wall_seconds", math.nan) for r in mc])),
+        "mlmc_runs": [slim(r) for r in ml], "mc_runs": [slim(r) for r in mc],
+    }
+    log(json.dumps({k: v for k, v in row.items() if not k.endswith("_runs")}))
+    return row
+
+
+def digits_reference(args, target) -> dict:
+    """The long MLMC run the digits errors are measured against (kept from the previous result file when it
+    was made for the same model folder and eps)."""
+    previous = json.load(open(args.out)).get("digits_reference") if os.path.exists(args.out) else None
+    if previous and previous.get("eps") == args.reference_eps and previous.get("model") == args.checkpoint:
+        log("reusing the reference run of", args.out)
+        return previous
+    ref = run_mlmc(target, SCHEMES["default"], args.reference_eps, seed=10_000)
+    ref["model"] = args.checkpoint
+    log("reference:", json.dumps({k: ref[k] for k in ("L", "lmin", "nfe", "rmse_bound", "wall_seconds")}))
+    return ref
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--problems", default="analytic,digits")
-    ap.add_argument("--eps", type=float, nargs="+", default=[0.05, 0.02, 0.01])
-    ap.add_argument("--analytic-eps", type=float, nargs="+", default=[0.2, 0.1, 0.05])
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--analytic-repeats", type=int, default=4)
-    ap.add_argument("--n0", type=int, default=100)
-    ap.add_argument("--grid", default="logsnr")
-    ap.add_argument("--coupling", default="naive")
-    ap.add_argument("--lmin", default="auto")
-    ap.add_argument("--M", type=int, default=2)
-    ap.add_argument("--checkpoint", default=os.path.join(ROOT, "runs", "digits_superres", "export"))
-    ap.add_argument("--observation", default=os.path.join(ROOT, "runs", "digits_superres", "observation_0.npz"))
+    ap.add_argument("--problems", nargs="+", choices=sorted(EPS), default=["gbm", "analytic", "digits"])
+    ap.add_argument("--schemes", nargs="+", choices=sorted(SCHEMES), default=["default", "seed"])
+    ap.add_argument("--eps", type=float, nargs="+", help="override every problem's eps list")
+    ap.add_argument("--repeats", type=int, help="override every problem's repeats")
     ap.add_argument("--reference-eps", type=float, default=0.003)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "mlmc_vs_mc.json"))
     args = ap.parse_args(argv)
+    args.checkpoint, args.observation = trained_model_paths("superres")
     torch.set_num_threads(os.cpu_count() or 1)
-    scheme = make_scheme(grid=args.grid, coupling=args.coupling, lmin=args.lmin if args.lmin == "auto" else int(args.lmin),
-                    M=args.M)
-    out = {"machine": machine_info(), "scheme": label(scheme), "theta": 0.25, "rows": []}
-    problems = args.problems.split(",")
-    if "analytic" in problems:
-        spec = AnalyticSpec.load(os.path.join(ROOT, "examples", "inpaint4x4.json"))
-        target = analytic_target(spec, "analytic inpaint4x4")
-        out["rows"] += compare(target, scheme, args.analytic_eps, args.analytic_repeats, args.n0)
-    if "digits" in problems:
-        target = trained_target(args.checkpoint, args.observation, "digits super-resolution (trained UNet)")
-        ref = run_mlmc(target, scheme, args.reference_eps, seed=10_000, n0=args.n0)
-        target.truth = torch.as_tensor(ref["estimate"], dtype=torch.float64)
-        target.truth_note = f"MLMC reference at eps {args.reference_eps}"
-        out["digits_reference"] = ref  # with its estimate: mlmc_grids.py measures against it
-        log("reference:", json.dumps({k: ref[k] for k in ("L", "lmin", "nfe", "rmse_bound", "wall_seconds")}))
-        out["rows"] += compare(target, scheme, args.eps, args.repeats, args.n0)
-    write_result(args.out, out)
+    out = {"machine": machine_info(), "schemes": {k: SCHEMES[k].to_json() for k in args.schemes}, "rows": []}
+    if os.path.exists(args.out):  # keep what other problems measured before
+        old = json.load(open(args.out))
+        out["rows"] = [r for r in old.get("rows", []) if r.get("problem_key") not in args.problems]
+        if "digits_reference" in old:
+            out["digits_reference"] = old["digits_reference"]
+    for problem in args.problems:
+        eps_list, repeats = args.eps or EPS[problem], args.repeats or REPEATS[problem]
+        if problem == "gbm":
+            rows = [gbm_rows(eps, repeats) for eps in eps_list]
+        else:
+            if problem == "analytic":
+                target = analytic_target(AnalyticSpec.load(os.path.join(ROOT, "examples", "inpaint4x4.json")),
+                                         "analytic inpaint4x4 (two-component mixture, exact score)")
+            else:
+                target = trained_target(args.checkpoint, args.observation, "digits super-resolution (trained UNet)")
+                out["digits_reference"] = digits_reference(args, target)
+                target.truth = torch.as_tensor(out["digits_reference"]["estimate"], dtype=torch.float64)
+            rows = [diffusion_rows(target, name, eps, repeats) for name in args.schemes for eps in eps_list]
+        for row in rows:
+            row["problem_key"] = problem
+            row["machine"] = out["machine"]
+        out["rows"] += rows
+        write_result(args.out, out)
     return 0
 
 

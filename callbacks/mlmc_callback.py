@@ -35,8 +35,11 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         eps: target RMSE (> 0).
         observations: how many validation observations (>= 1).
         every_n_epochs: run every n validation epochs, and once more at the end of fit.
-        M, lmin, lmax, n0: MLMC refinement factor, coarsest/finest level, pilot samples per level;
-            ``lmin: auto`` picks Lmin from a coupled pilot run (not with ``rates: mlmc_test``).
+        scheme: ``default`` (the library's: log-SNR grid, naive coupling, automatic Lmin) or ``seed`` (the
+            seed's uniform grid, weighted coupling, Lmin 3); the options below override it (None: the
+            scheme's value), exactly as ``lightning-mlmc mlmc`` does.
+        M, lmin, lmax, n0: MLMC refinement factor, coarsest/finest level (``lmin: auto`` picks Lmin from a
+            coupled pilot run), largest pilot per level.
         sampler: ``ddpm`` or ``ddim``.
         grid, coupling: the time-grid family (``uniform``, ``polynomial``, ``logsnr``, ``edm``; ``rho`` for
             the warps) and the coarse-noise coupling (``naive``, ``weighted`` or ``jacobian`` with its
@@ -53,12 +56,13 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             make MLMC ask for an enormous number of samples. ``null`` disables it.
     """
 
-    def __init__(self, eps: float = 0.1, observations: int = 2, every_n_epochs: int = 1, M: int = 2,
-                 lmin: int | Literal["auto"] = 2, lmax: int = 6, n0: int = 32,
-                 sampler: Literal["ddpm", "ddim"] = "ddpm",
-                 grid: Literal["uniform", "polynomial", "logsnr", "edm"] = "uniform", rho: float | None = None,
-                 coupling: Literal["naive", "weighted", "jacobian"] = "naive", data_std: float = 0.5, seed: int = 0,
-                 batch_size: int = 512, clip: float | None = 2.0,
+    def __init__(self, eps: float = 0.1, observations: int = 2, every_n_epochs: int = 1,
+                 scheme: Literal["default", "seed"] = "default", M: int | None = None,
+                 lmin: int | Literal["auto"] | None = None, lmax: int | None = None, n0: int | None = None,
+                 sampler: Literal["ddpm", "ddim"] | None = None,
+                 grid: Literal["uniform", "polynomial", "logsnr", "edm"] | None = None, rho: float | None = None,
+                 coupling: Literal["naive", "weighted", "jacobian"] | None = None, data_std: float | None = None,
+                 seed: int = 0, batch_size: int | None = None, clip: float | None = 2.0,
                  rates: Literal["adaptive", "mlmc_test"] = "adaptive", rate_samples: int = 200):
         if not eps > 0:
             raise InputError(f"eps: expected a positive number, got {eps}")
@@ -68,12 +72,12 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             raise InputError(f"every_n_epochs: expected >= 1, got {every_n_epochs}")
         if rates not in ("adaptive", "mlmc_test"):
             raise InputError(f"rates: expected adaptive or mlmc_test, got {rates!r}")
-        if rates == "mlmc_test" and (rate_samples < 2 or lmin == "auto"):
-            raise InputError("rates: mlmc_test needs rate_samples >= 2 and a fixed lmin (not 'auto')")
-        # Everything else is the command line's MLMC configuration, validated there.
-        self.config = MLMCConfig(grid=grid, rho=rho, coupling=coupling, data_std=data_std, sampler=sampler, M=M,
-                                 lmin=lmin, lmax=lmax, n0=n0, payoff="moments", clip=clip, batch_size=batch_size,
-                                 seed=seed)
+        if rates == "mlmc_test" and rate_samples < 2:
+            raise InputError("rates: mlmc_test needs rate_samples >= 2")
+        # Everything else is the command line's MLMC configuration (its defaults unless set), validated there.
+        self.config = MLMCConfig.from_scheme(scheme, grid=grid, rho=rho, coupling=coupling, data_std=data_std,
+                                             sampler=sampler, M=M, lmin=lmin, lmax=lmax, n0=n0, payoff="moments",
+                                             clip=clip, batch_size=batch_size, seed=seed)
         self.eps, self.observations, self.every_n_epochs = float(eps), int(observations), int(every_n_epochs)
         self.rates, self.rate_samples = rates, int(rate_samples)
         self.last_tests: list = []
@@ -120,6 +124,8 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             "mlmc/nfe": nfe,
             "mlmc/nfe_mc": nfe_mc,
             "mlmc/savings": nfe_mc / nfe,
+            "mlmc/savings_same_grid": sum(r.nfe_mc_same_grid for r in results) / nfe,
+            "mlmc/finished_as_mc": float(np.mean([r.method == "mc" for r in results])),
             "mlmc/rmse_bound": max(r.rmse_bound for r in results),
             "mlmc/psnr": psnr(mean, truth),
             "mlmc/ssim": ssim(mean, truth) if truth.dim() == 4 else float("nan"),

@@ -2,7 +2,6 @@
 
 import os
 
-import numpy as np
 
 from lightning_mlmc.problems import AnalyticSpec, gaussian_inpaint_spec
 

@@ -140,3 +140,36 @@ def test_training_and_uq_callbacks_on_the_gpu(tmp_path, no_tf32):
                          "ddim", "--steps", "20", "--num-samples", "8", "--device", device, "--out", str(out)]) == 0
         samples[device] = np.load(out)["samples"]
     np.testing.assert_allclose(samples["cuda"], samples["cpu"], rtol=1e-3, atol=1e-3)
+
+
+def test_mlmc_reduces_on_the_gpu_under_nccl(monkeypatch):
+    """A one-process NCCL group (NCCL has no CPU backend): the per-level sums are all-reduced as CUDA tensors
+    and the run equals the run outside torch.distributed."""
+    import socket
+
+    import torch.distributed as dist
+
+    from lightning_mlmc.mlmc import MLMCConfig, run_mlmc
+
+    spec = inpaint4x4()
+    config = MLMCConfig(seed=3)
+
+    def run():
+        levels = config.level_sampler(ExactPosteriorEps(spec), torch.as_tensor(spec.y)[None], spec.shape,
+                                      device=CUDA)
+        return run_mlmc(config, levels, 0.1)
+
+    alone = run()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", rank=0, world_size=1)
+    try:
+        grouped = run()
+    finally:
+        dist.destroy_process_group()
+    assert grouped.world_size == 1 and [lv.n_samples for lv in grouped.levels] == [lv.n_samples for lv in alone.levels]
+    np.testing.assert_allclose(grouped.estimate, alone.estimate, rtol=1e-12, atol=1e-14)

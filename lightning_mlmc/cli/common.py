@@ -104,7 +104,7 @@ def write_json(path: str, data: dict) -> None:
 # The problem or model to sample, shared by sample, mlmc and mlmc-test.
 
 
-def add_problem_args(p: argparse.ArgumentParser) -> None:
+def add_problem_args(p: argparse.ArgumentParser, grid_default: str | None = "logsnr") -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--problem", help="analytic problem spec (JSON): exact score")
     src.add_argument("--checkpoint", help="trained model: a Lightning .ckpt or an exported model folder")
@@ -114,7 +114,8 @@ def add_problem_args(p: argparse.ArgumentParser) -> None:
                                           "(observation shape, optionally with a leading 1)")
     p.add_argument("--start", choices=["gaussian", "observation", "masked"], default="gaussian",
                    help="start distribution p_T(x | y)")
-    p.add_argument("--grid", choices=["uniform", "polynomial", "logsnr", "edm"], default="uniform")
+    p.add_argument("--grid", choices=["uniform", "polynomial", "logsnr", "edm"], default=grid_default,
+                   help="time-grid family (default log-SNR, which measures best; uniform is the seed's)")
     p.add_argument("--rho", type=positive_float("rho"), default=None,
                    help="grid warp exponent (default: 2 for polynomial, 7 for edm)")
     p.add_argument("--seed", type=nonneg_int("seed"), default=0)

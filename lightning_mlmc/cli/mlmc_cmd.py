@@ -39,23 +39,28 @@ def _lmin_arg(s):
 
 
 def _add_config_args(p) -> None:
-    """The options of ``MLMCConfig`` (same names) and the problem options."""
-    add_problem_args(p)
-    p.add_argument("--M", type=positive_int("M"), default=2, help="refinement factor (>= 2)")
-    p.add_argument("--lmin", type=_lmin_arg, default=0,
-                   help="coarsest level, or 'auto' (mlmc only): chosen from a coupled pilot run")
-    p.add_argument("--lmax", type=nonneg_int("lmax"), default=10)
-    p.add_argument("--n0", type=positive_int("n0"), default=100, help="pilot samples per level")
-    p.add_argument("--theta", type=positive_float("theta"), default=0.25)
-    p.add_argument("--payoff", choices=PAYOFF_CHOICES, default="second_moment")
+    """The options of ``MLMCConfig`` (same names; unset ones come from ``--scheme``) and the problem options."""
+    add_problem_args(p, grid_default=None)
+    p.add_argument("--scheme", choices=["default", "seed"], default="default",
+                   help="default: log-SNR grid, naive coupling, automatic Lmin (what measures best); seed: the "
+                        "seed's uniform grid, weighted coupling and Lmin 3, for comparison (explicit options win)")
+    p.add_argument("--M", type=positive_int("M"), default=None, help="refinement factor (>= 2; default 2)")
+    p.add_argument("--lmin", type=_lmin_arg, default=None,
+                   help="coarsest level, or 'auto' (the default): chosen from a coupled pilot run")
+    p.add_argument("--lmax", type=nonneg_int("lmax"), default=None, help="finest level allowed (default 12)")
+    p.add_argument("--n0", type=positive_int("n0"), default=None,
+                   help="largest pilot per level (default 100; the pilot is sized by cost up to it)")
+    p.add_argument("--theta", type=positive_float("theta"), default=None,
+                   help="largest share of eps^2 the bias may take (default 0.25)")
+    p.add_argument("--payoff", choices=PAYOFF_CHOICES, default=None, help="default second_moment")
     p.add_argument("--clip", type=positive_float("clip"), default=None)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
-    p.add_argument("--coupling", choices=COUPLING_CHOICES, default="naive",
+    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default ddpm")
+    p.add_argument("--coupling", choices=COUPLING_CHOICES, default=None,
                    help="coarse noise from the fine noises: naive sum / sqrt(M) (default), the seed's weights, "
                         "or weights carried by the step Jacobian for Gaussian data of std --data-std")
-    p.add_argument("--data-std", type=positive_float("data-std"), default=0.5,
+    p.add_argument("--data-std", type=positive_float("data-std"), default=None,
                    help="data scale of --coupling jacobian (default 0.5, images in [-1, 1])")
-    p.add_argument("--batch-size", type=positive_int("batch-size"), default=1000)
+    p.add_argument("--batch-size", type=positive_int("batch-size"), default=None, help="default 1000")
     p.add_argument("--plots", help="folder for the convergence plots (PNG)")
     p.add_argument("--out", required=True)
 
@@ -64,9 +69,10 @@ def config_from_args(args):
     """The ``MLMCConfig`` of the parsed options (validated there: a bad value is a one-line error)."""
     from lightning_mlmc.mlmc import MLMCConfig
 
-    return MLMCConfig(grid=args.grid, rho=args.rho, coupling=args.coupling, data_std=args.data_std,
-                      sampler=args.sampler, M=args.M, lmin=args.lmin, lmax=args.lmax, n0=args.n0, theta=args.theta,
-                      payoff=args.payoff, clip=args.clip, batch_size=args.batch_size, seed=args.seed)
+    return MLMCConfig.from_scheme(args.scheme, grid=args.grid, rho=args.rho, coupling=args.coupling,
+                                  data_std=args.data_std, sampler=args.sampler, M=args.M, lmin=args.lmin,
+                                  lmax=args.lmax, n0=args.n0, theta=args.theta, payoff=args.payoff, clip=args.clip,
+                                  batch_size=args.batch_size, seed=args.seed)
 
 
 def _levels(config, args):
@@ -80,22 +86,73 @@ def cmd_mlmc(args) -> int:
 
     config = config_from_args(args)
     check_out(args.out)
-    levels = _levels(config, args)
-    key = config.state_key(problem=problem_source(args), start=args.start)
-    failure = None
-    try:
-        result = run_mlmc(config, levels, args.eps, state_path=args.state, state_key=key)
-    except WeakConvergenceFailure as e:
-        result, failure = e.result, e
-    data = result.to_json()
-    write_json(args.out, data)
-    if args.plots:
-        plot_levels(result.levels, args.plots, M=config.M)
-    print(f"estimate written to {args.out}: {len(data['levels'])} levels, nfe {data['nfe']:.0f}, "
-          f"savings {data['savings']:.2f}x, rmse bound {data['rmse_bound']:.3g}", flush=True)
+    with distributed(args):
+        levels = _levels(config, args)
+        key = config.state_key(problem=problem_source(args), start=args.start)
+        failure = None
+        try:
+            result = run_mlmc(config, levels, args.eps, state_path=args.state, state_key=key)
+        except WeakConvergenceFailure as e:
+            result, failure = e.result, e
+        if rank() == 0:  # every rank holds the same reduced estimate; one writes it
+            data = result.to_json()
+            write_json(args.out, data)
+            if args.plots:
+                plot_levels(result.levels, args.plots, M=config.M)
+            print(summary_line(result, args.out), flush=True)
     if failure is not None:
         raise failure
     return 0
+
+
+def summary_line(result, out: str) -> str:
+    """The console line of a finished run: what it cost, what plain MC would have, and which method ran."""
+    how = (f"finished as plain MC ({result.mc_samples} samples x {result.mc_steps} steps: the pilot predicted it "
+           "cheaper than MLMC)" if result.method == "mc" else
+           f"MLMC levels {result.lmin}..{result.levels[-1].level}")
+    return (f"estimate written to {out}: {how}; nfe {result.nfe:.0f}, plain MC would need {result.nfe_mc:.0f} "
+            f"({result.mc_samples} x {result.mc_steps} steps): savings {result.savings:.2f}x "
+            f"({result.savings_same_grid:.2f}x against plain MC on the finest grid), rounds {result.rounds}, "
+            f"rmse bound {result.rmse_bound:.3g}")
+
+
+def rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+class distributed:
+    """Under ``torchrun`` (WORLD_SIZE > 1 in the environment): join the process group for the command (NCCL
+    on CUDA devices, gloo on the CPU; each rank on its local GPU) and leave it after; otherwise nothing."""
+
+    def __init__(self, args):
+        self.args, self.joined = args, False
+
+    def __enter__(self):
+        import os
+
+        import torch
+        import torch.distributed as dist
+
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+            return self
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = self.args.device != "cpu" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.set_device(local)
+            if self.args.device in ("auto", "cuda"):
+                self.args.device = f"cuda:{local}"
+        dist.init_process_group("nccl" if cuda else "gloo")
+        self.joined = True
+        return self
+
+    def __exit__(self, *exc):
+        if self.joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+        return False
 
 
 def cmd_mlmc_test(args) -> int:
@@ -103,9 +160,7 @@ def cmd_mlmc_test(args) -> int:
     from lightning_mlmc.mlmc import run_mlmc_test
 
     config = config_from_args(args)
-    if config.lmin == "auto":
-        raise InputError("lmin: 'auto' is for mlmc; mlmc-test tabulates the fixed levels lmin..levels")
-    if args.levels <= config.lmin:
+    if args.levels <= (1 if config.lmin == "auto" else config.lmin):
         raise InputError(f"levels: expected more than lmin = {config.lmin}, got {args.levels}")
     check_out(args.out)
     res = run_mlmc_test(config, _levels(config, args), args.levels, args.samples, args.eps_list)

@@ -12,7 +12,9 @@ adaptive algorithm (Giles 2008, 2015), split as pymlmc splits it:
 from lightning_mlmc.mlmc.config import MLMCConfig, mlmc_auto, run_mlmc, run_mlmc_test
 from lightning_mlmc.mlmc.coupling import COUPLINGS, coarse_noise_weights
 from lightning_mlmc.mlmc.diagnostics import ComplexityRow, ConvergenceRow, MLMCTestResult, mlmc_test
-from lightning_mlmc.mlmc.driver import MLMCResult, fit_growth, fit_rate, mlmc, optimal_samples
+from lightning_mlmc.mlmc.driver import mlmc
+from lightning_mlmc.mlmc.plan import fit_growth, fit_rate, optimal_samples
+from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.levels import CoupledLevelSampler, LevelFunction, UserLevels, level_cost
 from lightning_mlmc.mlmc.lmin import LminChoice, choose_lmin
 from lightning_mlmc.mlmc.payoffs import apply_payoff, make_payoff

@@ -17,7 +17,8 @@ import torch
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_std
 from lightning_mlmc.mlmc.diagnostics import MLMCTestResult, mlmc_test
-from lightning_mlmc.mlmc.driver import MLMCResult, mlmc
+from lightning_mlmc.mlmc.driver import first_pilot, mlmc
+from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.levels import CoupledLevelSampler, check_M
 from lightning_mlmc.mlmc.lmin import choose_lmin
 from lightning_mlmc.mlmc.payoffs import PAYOFFS, PayoffName, make_payoff
@@ -26,6 +27,9 @@ from lightning_mlmc.sampling import SamplerName, StartDistribution, check_sample
 from lightning_mlmc.schedule import GRID_KINDS, GridKind, TimeGrid
 
 Tensor = torch.Tensor
+
+
+SCHEMES = {"default": {}, "seed": {"grid": "uniform", "coupling": "weighted", "lmin": 3}}
 
 
 @dataclass(frozen=True)
@@ -43,14 +47,14 @@ class MLMCConfig:
         batch_size: samples per batched network pass; seed: base seed of every noise stream.
     """
 
-    grid: GridKind = "uniform"
+    grid: GridKind = "logsnr"
     rho: float | None = None
     coupling: Coupling = "naive"
     data_std: float = 0.5
     sampler: SamplerName = "ddpm"
     M: int = 2
-    lmin: int | Literal["auto"] = 0
-    lmax: int = 10
+    lmin: int | Literal["auto"] = "auto"
+    lmax: int = 12
     n0: int = 100
     theta: float = 0.25
     payoff: PayoffName = "second_moment"
@@ -84,6 +88,15 @@ class MLMCConfig:
         if self.seed < 0:
             raise InputError(f"seed: expected a non-negative integer, got {self.seed}")
 
+    @classmethod
+    def from_scheme(cls, scheme: Literal["default", "seed"] = "default", **overrides) -> "MLMCConfig":
+        """The defaults (what measures best: log-SNR grid, naive coupling, automatic Lmin) or the seed's
+        scheme (uniform grid as in the seed's code, its variance-coefficient coupling, Lmin 3), with
+        ``overrides`` on top (None values are ignored)."""
+        if scheme not in SCHEMES:
+            raise InputError(f"scheme: expected one of {', '.join(SCHEMES)}, got {scheme!r}")
+        return cls(**{**SCHEMES[scheme], **{k: v for k, v in overrides.items() if v is not None}})
+
     def time_grid(self) -> TimeGrid:
         return TimeGrid(self.grid, rho=self.rho)
 
@@ -116,7 +129,10 @@ def mlmc_auto(levels: CoupledLevelSampler, eps: float, *, lmax: int = 10, n0: in
     tic = time.perf_counter()
     pilot, lmin = None, DriverState.peek_lmin(state_path) if state_path else None
     if lmin is None:
-        pilot = choose_lmin(levels, n0, lmax, batch_size=batch_size)
+        pilot = choose_lmin(levels, driver_kw.get("n_start") or first_pilot(n0, levels.pixels), lmax,
+                            batch_size=batch_size, eps=eps,
+                            n_max=n0, pilot_fraction=driver_kw.get("pilot_fraction", 0.1),
+                            theta=driver_kw.get("theta", 0.25))
         lmin = pilot.lmin
     pilot_seconds = time.perf_counter() - tic
     try:
@@ -140,8 +156,10 @@ def run_mlmc(config: MLMCConfig, levels: CoupledLevelSampler, eps: float, *, sta
 
 def run_mlmc_test(config: MLMCConfig, levels: CoupledLevelSampler, finest: int, samples: int,
                   eps_list=()) -> MLMCTestResult:
-    """Giles' ``mlmc_test`` with ``config``'s settings (a fixed Lmin) on ``levels``."""
+    """Giles' ``mlmc_test`` with ``config``'s settings on ``levels``: the levels Lmin..``finest`` (with
+    ``lmin: auto``, Lmin chosen first from a coupled pilot of ``samples`` samples per level)."""
     if config.lmin == "auto":
-        raise InputError("lmin: 'auto' is for mlmc; mlmc-test tabulates the fixed levels lmin..levels")
+        levels = levels.with_lmin(choose_lmin(levels, min(samples, config.n0), finest,
+                                              batch_size=config.batch_size).lmin)
     return mlmc_test(levels, finest, samples, eps_list, n0=config.n0, theta=config.theta, lmax=config.lmax,
                      batch_size=config.batch_size)

@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
-from lightning_mlmc.mlmc.driver import fit_growth, fit_rate, mlmc
+from lightning_mlmc.mlmc.driver import mlmc
+from lightning_mlmc.mlmc.plan import fit_growth, fit_rate
 from lightning_mlmc.mlmc.levels import LevelFunction
 from lightning_mlmc.mlmc.sums import level_stats, sample_level
 

@@ -1,109 +1,75 @@
-"""Giles' adaptive MLMC driver (Giles 2008, 2015; pymlmc's ``mlmc``) for vector payoffs.
+"""Giles' adaptive MLMC driver (Giles 2008, 2015; pymlmc's ``mlmc``) for vector payoffs, planned in few
+rounds, with honest savings and a plain-MC finish when that is cheaper.
 
-The loop reads like Giles' pseudo-code; each phase is a short function:
+Each round draws every pending sample, then one phase decides what the next round draws:
 
-    pilot: N0 samples on levels Lmin..Lmin+2
-    repeat
-        update the sample sums (``_sample_pending``)
-        estimate mean_l, V_l and the rates alpha, beta, gamma (``_rates``)
-        set the optimal number of additional samples (``optimal_samples``)
-        if (almost) converged: estimate the remaining bias (``_bias``); settle an inconclusive test with
-            samples at the finest levels (``_settle``), else add a level (``_add_level``) or stop at Lmax
-    until no more samples are needed
+    pilot   N0 samples on levels Lmin..Lmin+2, sized by cost: a first small pilot predicts the run's cost
+            and the pilot grows to at most ``pilot_fraction`` of it (``_pilot_growth``)
+    decide  predicted plain MC cheaper than the predicted MLMC run? finish as plain MC (``_mc_round``)
+    mlmc    plan L and every N_l from the fitted rates in one round (``plan``), then Giles' loop:
+            the bias test at L (``_bias_test``), the optimal N_l for the variance left by the bias
+            (``optimal_samples``), a new level (several at once when the extrapolation says so) when the
+            test fails, more samples at the finest levels when it is undecided (``_settle``)
 
-Vector payoffs (n pixels): mean_l is the RMS over pixels of the per-pixel mean of Y_l, V_l the mean over
-pixels of the per-pixel variance; the MSE target is the pixel-averaged MSE <= eps^2.
+Vector payoffs (n pixels): the MSE target is the pixel-averaged MSE <= eps^2; level means and biases are
+averaged over pixels with their noise floor removed (``estimates``).
 """
 
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
-
-import numpy as np
+from dataclasses import dataclass
 
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
+from lightning_mlmc.mlmc.estimates import (
+    LevelMoments,
+    asymptotic_level,
+    SquaredBias,
+    bias_of_level,
+    level_moments,
+    plain_mc_alternative,
+    remaining_bias_weights,
+    sizing_variance,
+    tail_relative_sd,
+)
+import lightning_mlmc.mlmc.finish as finish
 from lightning_mlmc.mlmc.levels import LevelFunction
 from lightning_mlmc.mlmc.lmin import LminChoice
+from lightning_mlmc.mlmc.plan import Rates, fit_rates, optimal_samples, plan
+from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.state import DriverState, fingerprint
-from lightning_mlmc.mlmc.sums import LevelSums, LevelStats, all_reduce, level_stats, rank_share
+from lightning_mlmc.mlmc.sums import LevelSums, all_reduce, rank_share
 
-
-@dataclass
-class MLMCResult:
-    """Result of the adaptive MLMC driver (the RESULT.json of DESIGN.md section 6 plus diagnostics)."""
-
-    estimate: list
-    levels: list[LevelStats]
-    alpha: float
-    beta: float
-    gamma: float
-    nfe: float
-    nfe_counted: int
-    nfe_mc: float
-    savings: float
-    eps: float
-    rmse_bound: float
-    bias_estimate: float
-    wall_seconds: float
-    M: int
-    lmin: int
-    theta: float
-    converged: bool = True
-    pilot_nfe: float = 0.0  # NFEs of the automatic-Lmin pilot not reused by the estimate (inside nfe)
-
-    def to_json(self) -> dict:
-        return asdict(self)
+MAX_ROUNDS = 60  # a run that has not decided by then stops, unconverged, with its estimate
 
 
 @dataclass(frozen=True)
-class Rates:
-    """Level means and variances after Giles' fix for vanishing values, and the fitted rates."""
-
-    mean: list[float]  # coupled levels Lmin+1..L
-    var: list[float]
-    alpha: float
-    beta: float
-    gamma: float
-
-
-def fit_rate(levels: list[int], values: list[float], M: int) -> float:
-    """-slope of log_M(values) against level, floored at 0.5 as in Giles' code."""
-    v = np.maximum(np.asarray(values, dtype=float), 1e-300)
-    if len(levels) < 2:
-        return 0.5
-    slope = np.polyfit(np.asarray(levels, dtype=float), np.log(v) / np.log(M), 1)[0]
-    return float(max(0.5, -slope))
-
-
-def fit_growth(levels: list[int], costs: list[float], M: int) -> float:
-    """Slope of log_M(cost) against level (gamma), floored at 0.5 as in Giles' code."""
-    if len(levels) < 2:
-        return 1.0
-    return float(max(0.5, np.polyfit(np.asarray(levels, float), np.log(costs) / np.log(M), 1)[0]))
-
-
-def optimal_samples(var: list[float], cost: list[float], eps: float, theta: float) -> list[int]:
-    """Giles' N_l = ceil( sqrt(V_l / C_l) sum_k sqrt(V_k C_k) / ((1 - theta) eps^2) ): the fewest samples
-    whose estimator variance sum_l V_l / N_l is (1 - theta) eps^2."""
-    total = sum(math.sqrt(v * c) for v, c in zip(var, cost))
-    return [math.ceil(math.sqrt(v / c) * total / ((1 - theta) * eps**2)) for v, c in zip(var, cost)]
+class Settings:
+    eps: float
+    theta: float  # the largest share of eps^2 the bias may take (the variance gets the rest)
+    lmax: int
+    n0: int  # the largest pilot per level
+    n_start: int  # the first pilot per level (it grows by cost)
+    pilot_fraction: float  # the pilot's share of the predicted cost of the run
+    floor: int  # the fewest samples a new level gets
+    batch_size: int
+    fallback: bool  # finish as plain MC when the pilot predicts it cheaper
+    alpha0: float | None
+    beta0: float | None
+    gamma0: float | None
 
 
 class _Run:
-    """One driver run: the settings, the state and the phases of Giles' algorithm."""
+    """One driver run: the level function, the settings, the resumable state and the phases."""
 
-    def __init__(self, levels: LevelFunction, eps: float, lmax: int, n0: int, theta: float, alpha0, beta0, gamma0,
-                 batch_size: int, state: DriverState):
-        self.levels, self.eps, self.lmax, self.n0, self.theta = levels, eps, lmax, n0, theta
-        self.alpha0, self.beta0, self.gamma0, self.batch_size = alpha0, beta0, gamma0, batch_size
-        self.st, self.M, self.lmin = state, levels.M, levels.lmin
+    def __init__(self, levels: LevelFunction, settings: Settings, state: DriverState):
+        self.levels, self.s, self.st = levels, settings, state
+        self.M, self.lmin = levels.M, levels.lmin
 
-    # -- pilot ---------------------------------------------------------------------------------------
+    # -- pilot set-up -----------------------------------------------------------------------------------
     def start(self, pilot: LminChoice | None) -> None:
-        """N0 samples on levels Lmin..Lmin+2, reusing an automatic-Lmin pilot's coupled levels above Lmin."""
-        st = self.st
+        st, s = self.st, self.s
         if pilot is not None:
             for level, sums in pilot.pilot.items():
                 if level > self.lmin:  # coupled levels are the same whatever Lmin is: keep their samples
@@ -111,119 +77,195 @@ class _Run:
             st.pilot_nfe, st.pilot_calls = pilot.unused_cost()
             st.batches[self.lmin] = pilot.batches.get(self.lmin, 0)  # fresh streams for the now plain level
         st.lmin = self.lmin
-        st.L = min(max([self.lmin + 2, *st.sums]), self.lmax)
+        st.L = min(max([self.lmin + 2, *st.sums]), s.lmax)
+        st.pilot_n = max([s.n_start, *(x.n for x in st.sums.values())])
         for level in range(self.lmin, st.L + 1):
             st.ensure(level)
-            st.pending[level] = max(0, self.n0 - st.sums[level].n)
+            st.pending[level] = max(0, st.pilot_n - st.sums[level].n)
         st.save()
 
-    # -- update the sample sums -----------------------------------------------------------------------
+    # -- update the sample sums ---------------------------------------------------------------------------
     def sample_pending(self) -> None:
+        """One round: every pending sample, in batches shared across ranks, the state saved after each."""
         st = self.st
-        for level in sorted(st.pending):
-            while st.pending[level] > 0:
-                nb = min(self.batch_size, st.pending[level])
-                share, rank = rank_share(nb)
-                part = self.levels(level, share, st.batches[level], rank) if share > 0 else LevelSums.zeros(st.pixels)
-                st.sums[level].add(all_reduce(part))
-                st.batches[level] += 1
-                st.pending[level] -= nb
-                st.save()
+        for pending, sums, plain in ((st.pending, st.sums, False), (st.pending_plain, st.plain, True)):
+            for level in sorted(pending):
+                while pending[level] > 0:
+                    nb = min(self.s.batch_size, pending[level])
+                    share, rank = rank_share(nb)
+                    fn = self.levels.with_lmin(level) if plain else self.levels
+                    part = fn(level, share, st.batches.get(level, 0), rank) if share > 0 else LevelSums.zeros(st.pixels)
+                    if level not in sums:
+                        sums[level] = LevelSums.zeros(st.pixels)
+                    sums[level].add(all_reduce(part))
+                    st.batches[level] = st.batches.get(level, 0) + 1
+                    pending[level] -= nb
+                    st.save()
+        st.rounds += 1
 
-    # -- estimates ------------------------------------------------------------------------------------
-    def statistics(self) -> list[LevelStats]:
-        return [level_stats(l, self.st.sums[l], self.levels.cost(l)) for l in range(self.lmin, self.st.L + 1)]
+    # -- estimates ----------------------------------------------------------------------------------------
+    def moments(self) -> list[LevelMoments]:
+        """Moments of the levels sampled so far (Lmin up to the finest with samples)."""
+        out = []
+        for level in range(self.lmin, self.st.L + 1):
+            if level not in self.st.sums or self.st.sums[level].n == 0:
+                break
+            out.append(level_moments(level, self.st.sums[level]))
+        return out
 
-    def rates(self, ls: list[LevelStats]) -> Rates:
-        M = self.M
-        coupled = [s for s in ls if s.level > self.lmin]
-        lv = [s.level for s in coupled]
-        ml, vl = [s.mean for s in coupled], [s.var for s in coupled]
-        # Giles' fix for possible zero values at fine levels.
-        a_tmp, b_tmp = (self.alpha0 or 1.0), (self.beta0 or 1.0)
-        for i in range(1, len(coupled)):
-            ml[i] = max(ml[i], 0.5 * ml[i - 1] / M**a_tmp)
-            vl[i] = max(vl[i], 0.5 * vl[i - 1] / M**b_tmp)
-        # alpha from the levels past the largest |mean_l|: the coarse levels before it are pre-asymptotic
-        # (mean_l grows there on the uniform grid) and would flatten the fitted weak rate.
-        peak = int(np.argmax(ml)) if ml else 0
-        alpha = self.alpha0 if self.alpha0 is not None else fit_rate(lv[peak:], ml[peak:], M)
-        beta = self.beta0 if self.beta0 is not None else fit_rate(lv, vl, M)
-        gamma = self.gamma0 if self.gamma0 is not None else fit_growth(lv, [s.cost for s in coupled], M)
-        return Rates(ml, vl, alpha, beta, gamma)
+    def rates(self, moments: list[LevelMoments]) -> Rates:
+        return fit_rates(moments, self.lmin, self.M, self.levels.cost, self.s.alpha0, self.s.beta0, self.s.gamma0)
 
-    # -- bias test --------------------------------------------------------------------------------------
-    def bias(self, rates: Rates, ls: list[LevelStats]) -> float:
-        """Giles' estimate max_r mean_(L-r) / M^(r alpha) / (M^alpha - 1), with each |E[Y_l]| replaced by its
-        upper confidence bound mean_l + 2 SE: a noisy small mean at a level with few samples must not end
-        the refinement early (it did on the bimodal problem, where Y_l is heavy-tailed). The extrapolation
-        also caps alpha at 1, the samplers' weak order: a steeper slope fitted from a few noisy levels would
-        promise a bias that the scheme cannot deliver."""
-        M = self.M
-        coupled = [s for s in ls if s.level > self.lmin]
-        up = [m + 2.0 * math.sqrt(s.var / max(s.n_samples, 1)) for m, s in zip(rates.mean, coupled)]
-        a = min(rates.alpha, 1.0)
-        return max(up[-1 - r] / M ** (r * a) for r in range(min(3, len(up)))) / (M**a - 1)
+    def bias(self, moments: list[LevelMoments], rates: Rates) -> tuple[SquaredBias, float]:
+        """(the pooled squared bias of the estimate at L, the largest lower confidence value of the finest
+        levels' own extrapolations): Giles takes the largest extrapolation; the pooled estimate is far more
+        precise, and a finest level whose own extrapolation clearly exceeds it still fails the test."""
+        tail = remaining_bias_weights(moments, self.lmin, self.M, rates.alpha, alpha_se=rates.alpha_se)
+        if not tail:
+            return SquaredBias(math.inf, 0.0), math.inf
+        L = moments[-1].level
+        scale = 1.0 / (self.M**rates.alpha - 1.0)
+        lowers = [bias_of_level(moments, L, {lv: scale * self.M ** (-(L - lv) * rates.alpha)}).lower for lv in tail]
+        rel = tail_relative_sd(self.M, rates.alpha, rates.alpha_se)
+        return bias_of_level(moments, L, tail, rel), max(lowers)
 
-    def settle(self, rates: Rates, ls: list[LevelStats]) -> dict[int, int] | None:
-        """Samples that make a statistically inconclusive bias test conclusive, or None when it fails.
+    def min_L(self, moments: list[LevelMoments]) -> int:
+        """The coarsest L the bias test may accept: one level above the first asymptotic one (or above
+        the finest sampled level while none is), and at least Lmin + 2 as in Giles' algorithm."""
+        first = asymptotic_level(moments, self.lmin)
+        return min(self.s.lmax, max(self.lmin + 2, (first if first is not None else moments[-1].level) + 1))
 
-        Each of the finest levels in the test must have mean_l + 2 SE within its share of the bias
-        budget, room_l = sqrt(theta) eps (M^a - 1) M^(r a). A level with mean_l - 2 SE > room_l fails the
-        test outright (a finer level is needed: None); one with mean_l - 2 SE <= room_l < mean_l + 2 SE
-        is undecided, and more samples decide it: N >= 4 V_l / (room_l - mean_l)^2 where mean_l < room_l,
-        at least twice and at most four times its current count per round."""
-        M, a = self.M, min(rates.alpha, 1.0)
-        coupled = [s for s in ls if s.level > self.lmin]
-        need = {}
-        for r in range(min(3, len(coupled))):
-            s, m = coupled[-1 - r], rates.mean[-1 - r]
-            room = math.sqrt(self.theta) * self.eps * (M**a - 1) * M ** (r * a)
-            se = math.sqrt(s.var / s.n_samples)
-            if m - 2.0 * se > room:
-                return None
-            if m + 2.0 * se > room:
-                wanted = 4 * s.var / (room - m) ** 2 if m < room else math.inf
-                need[s.level] = int(min(max(wanted, 2 * s.n_samples), 4 * s.n_samples)) - s.n_samples
-        return need
+    # -- pilot --------------------------------------------------------------------------------------------
+    def pilot_growth(self, moments: list[LevelMoments], rates: Rates) -> dict[int, int]:
+        """More pilot samples when the pilot so far is cheap next to the run it predicts: all pilot levels
+        grow to the largest count (at most n0) whose cost stays within ``pilot_fraction`` of the predicted
+        cost of the cheaper method; nothing when that is less than 1.5 times the current pilot."""
+        st, s = self.st, self.s
+        low = self.min_L(moments)
+        if moments[-1].level < low:  # climb to an asymptotic level first (pilot samples each)
+            for level in range(st.L + 1, low + 1):
+                st.ensure(level)
+            st.L = max(st.L, low)
+            return {l: max(0, st.pilot_n - st.sums[l].n) for l in range(self.lmin, low + 1)}
+        predicted = self.predicted_mlmc(moments, rates).cost
+        mc = self.plain_alternative(moments, rates)
+        if s.fallback and self.can_finish_plain() and mc.meets_eps:
+            predicted = min(predicted, mc.cost)
+        unit = sum(self.levels.cost(l) for l in range(self.lmin, st.L + 1))
+        target = min(s.n0, int(s.pilot_fraction * predicted / unit))
+        if target < 1.5 * st.pilot_n:
+            return {}
+        st.pilot_n = target
+        return {l: max(0, target - st.sums[l].n) for l in range(self.lmin, st.L + 1)}
 
-    def add_level(self, var: list[float], cost: list[float], beta: float) -> dict[int, int]:
-        """Level L + 1 with its V_L extrapolated by beta; the new optimal additional samples per level."""
-        st = self.st
-        st.L += 1
-        st.ensure(st.L)
-        var = var + [var[-1] / self.M**beta]
-        cost = cost + [self.levels.cost(st.L)]
-        ns = optimal_samples(var, cost, self.eps, self.theta)
-        # Giles (2015) gives the new level only its extrapolated optimal N_L, which can be 1 or 2 samples:
-        # its V_L and mean then come from nothing and the bias test and rmse_bound go wrong. A floor of 10
-        # samples keeps them estimated (Giles 2008 gave every new level N0, which at the finest levels costs
-        # more than the whole optimal estimate).
-        ns[-1] = max(ns[-1], min(self.n0, 10))
-        return {l: max(0, n - st.sums[l].n) for l, n in zip(range(self.lmin, st.L + 1), ns)}
+    def predicted_mlmc(self, moments, rates, min_L: int = 0):
+        return plan(moments, self.lmin, self.M, self.levels.cost, self.s.eps, self.s.theta, rates, self.s.lmax,
+                    floor=self.s.floor, min_L=max(min_L, self.min_L(moments)))
 
-    # -- result -----------------------------------------------------------------------------------------
-    def result(self, converged: bool, wall_seconds: float) -> MLMCResult:
-        st, M, theta, eps = self.st, self.M, self.theta, self.eps
-        ls = self.statistics()
-        rates = self.rates(ls)
-        estimate = sum(st.sums[l].sums["y1"] / st.sums[l].n for l in range(self.lmin, st.L + 1))
-        # rmse_bound is an upper confidence bound, not a point estimate of the RMSE: each V_l is raised by two
-        # standard errors of a sample variance, V_l sqrt((kurtosis - 1) / N_l), and the bias term is already
-        # the upper (mean + 2 SE) estimate of the bias test.
-        var_est = sum(s.var / s.n_samples * (1 + 2 * math.sqrt(max(s.kurtosis - 1, 0.0) / s.n_samples)) for s in ls)
-        bias = self.bias(rates, ls)
-        nfe = sum(s.n_samples * s.cost for s in ls) + st.pilot_nfe
-        # V[P_L] barely depends on L; take it from the finest level with enough samples to estimate it.
-        var_pl = next((s.var_fine for s in reversed(ls) if s.n_samples >= min(100, self.n0)), ls[0].var_fine)
-        nfe_mc = var_pl * M**st.L / ((1 - theta) * eps**2)
-        return MLMCResult(
-            estimate=estimate.tolist(), levels=ls, alpha=rates.alpha, beta=rates.beta, gamma=rates.gamma,
-            nfe=float(nfe), nfe_counted=int(sum(s.calls for s in ls) + st.pilot_calls), nfe_mc=float(nfe_mc),
-            savings=float(nfe_mc / nfe), eps=float(eps), rmse_bound=float(math.sqrt(var_est + bias**2)),
-            bias_estimate=float(bias), wall_seconds=wall_seconds, M=M, lmin=self.lmin, theta=theta,
-            converged=converged, pilot_nfe=float(st.pilot_nfe),
-        )
+    def plain_alternative(self, moments, rates, finest: int | None = None, cautious: bool = False):
+        return plain_mc_alternative(moments, self.lmin, self.M, self.s.eps, rates.alpha, self.plain_cost,
+                                    finest=finest, alpha_se=rates.alpha_se, cautious=cautious)
+
+    def plain_cost(self, level: int) -> float:
+        plain = getattr(self.levels, "plain_cost", None)
+        return plain(level) if plain is not None else self.levels.cost(self.lmin) * self.M ** (level - self.lmin)
+
+    def can_finish_plain(self) -> bool:
+        return hasattr(self.levels, "with_lmin")
+
+    def decide(self, moments: list[LevelMoments], rates: Rates) -> str:
+        """mlmc, or mc when plain MC is predicted to cost less from here on, at a level below the finest
+        sampled one (its bias then rests on a measured level, not on extrapolation alone), sized with the bias
+        one standard error up as MLMC's own test is (the honest ``nfe_mc`` uses the point estimate)."""
+        if not (self.s.fallback and self.can_finish_plain()) or len(moments) < 2:
+            return "mlmc"
+        mc = self.plain_alternative(moments, rates, finest=moments[-1].level - 1, cautious=True)
+        if not mc.meets_eps:
+            return "mlmc"
+        have = finish.plain_samples(self, moments, mc.level)[2]
+        mc_more = max(0, mc.samples - have) * self.plain_cost(mc.level)
+        p = self.predicted_mlmc(moments, rates)
+        n = {m.level: m.n for m in moments}
+        mlmc_more = sum(max(0, k - n.get(l, 0)) * self.levels.cost(l) for l, k in p.samples.items())
+        if mc_more < mlmc_more:
+            self.st.mc_level = mc.level
+            return "mc"
+        return "mlmc"
+
+    # -- plain-MC finish (finish.py) ---------------------------------------------------------------------
+    def mc_round(self, moments: list[LevelMoments], rates: Rates) -> dict[int, int]:
+        return finish.mc_round(self, moments, rates)
+
+    # -- MLMC ---------------------------------------------------------------------------------------------
+    def mlmc_round(self, moments: list[LevelMoments], rates: Rates) -> tuple[dict[int, int], bool]:
+        """(samples to draw next, converged), in Giles' order: the optimal N_l for the variance the bias
+        leaves first; once they are drawn (the run is almost converged) the bias test at L decides, on
+        those samples rather than the pilot's: within its share -> done; clearly above it -> finer levels;
+        undecided -> more samples at the finest levels, or a new level when that is cheaper."""
+        st, s = self.st, self.s
+        bias, single = self.bias(moments, rates)
+        room = s.theta * s.eps**2
+        new_L, grow = self.add_levels(moments, rates)
+        fails = bias.value > room or single > room or not rates.resolved or st.L < self.min_L(moments)
+        if fails:  # finer levels, planned from the point estimates
+            if new_L == st.L:
+                return {}, False
+            self.grow_to(new_L)
+            return grow, False
+        var = [sizing_variance(m) for m in moments]
+        cost = [self.levels.cost(m.level) for m in moments]
+        ns = optimal_samples(var, cost, s.eps**2 - min(bias.upper, room))
+        dn = {m.level: max(0, k - m.n) for m, k in zip(moments, ns)}
+        if any(dn[m.level] > 0.01 * m.n for m in moments):
+            return dn, False  # not converged yet: draw the samples the variance needs, then test
+        if bias.upper <= room:
+            return {}, True
+        settle = self.settle(moments, bias, room) if bias.value <= room else {}
+        price = lambda d: sum(k * self.levels.cost(l) for l, k in d.items())  # noqa: E731
+        if st.L < s.lmax and (not settle or price(grow) < price(settle)):
+            self.grow_to(new_L)
+            return grow, False
+        if not settle or (st.L == s.lmax and price(settle) > s.n0 * self.levels.cost(st.L + 1)):
+            return {}, False  # undecidable at Lmax within the price of a level: stop, unconverged
+        return settle, False
+
+    def add_levels(self, moments: list[LevelMoments], rates: Rates) -> tuple[int, dict[int, int]]:
+        """(new L, samples to draw): the levels the extrapolated bias asks for (at least L + 1, at most
+        Lmax), the new ones with at least ``floor`` samples, and the N_l of every level for that L."""
+        L = self.st.L
+        if L >= self.s.lmax:
+            return L, {}
+        p = self.predicted_mlmc(moments, rates, min_L=max(L + 1, self.min_L(moments)))
+        new_L = p.L
+        n = {m.level: m.n for m in moments}
+        counts = {l: p.samples.get(l, self.s.floor) for l in range(self.lmin, new_L + 1)}
+        for level in range(moments[-1].level + 1, new_L + 1):
+            counts[level] = max(counts[level], self.s.floor)
+        return new_L, {l: max(0, k - n.get(l, 0)) for l, k in counts.items()}
+
+    def grow_to(self, L: int) -> None:
+        for level in range(self.st.L + 1, L + 1):
+            self.st.ensure(level)
+        self.st.L = L
+
+    def settle(self, moments: list[LevelMoments], bias: SquaredBias, room: float) -> dict[int, int]:
+        """Samples at the finest levels that bring the bias estimate's two standard errors within the room
+        left by its value: each level's count grows by the factor the variance must shrink, between 2 and 4."""
+        gap = room - bias.value
+        if gap <= 0:
+            return {}
+        factor = min(4.0, max(2.0, (2.0 * bias.se / gap) ** 2))
+        return {m.level: math.ceil(m.n * (factor - 1)) for m in moments[-3:] if m.level > self.lmin}
+
+    # -- result -------------------------------------------------------------------------------------------
+    def result(self, converged: bool, wall_seconds: float, method: str) -> MLMCResult:
+        return finish.result(self, converged, wall_seconds, method)
+
+
+def first_pilot(n0: int, pixels: int) -> int:
+    """The first pilot per level: enough samples that the pixel-averaged variances rest on about 32
+    values (their relative error about 25%), at least 4 and at most n0."""
+    return max(4, min(n0, math.ceil(32 / max(pixels, 1)) + 1))
 
 
 def mlmc(
@@ -240,20 +282,30 @@ def mlmc(
     state_path: str | None = None,
     state_key: str = "",
     pilot: LminChoice | None = None,
+    n_start: int | None = None,
+    pilot_fraction: float = 0.1,
+    floor: int = 4,
+    fallback: bool = True,
 ) -> MLMCResult:
-    """Giles' adaptive MLMC driver (Giles 2015, Algorithm 1) for a vector payoff.
+    """Giles' adaptive MLMC driver (Giles 2015, Algorithm 1) for a vector payoff, in planned rounds.
 
     Args:
         levels: the level function (``LevelFunction``: a ``CoupledLevelSampler``, or a plain function
             wrapped in ``UserLevels``); its M, Lmin and cost per level are the driver's.
         eps: target RMSE (pixel-averaged).
-        lmax: the finest level allowed; n0: pilot samples per level.
-        theta: the share of eps^2 given to the bias (the variance gets 1 - theta).
+        lmax: the finest level allowed; n0: the largest pilot per level.
+        theta: the largest share of eps^2 the bias may take; the variance gets eps^2 minus the bias's upper
+            confidence value (at least (1 - theta) eps^2).
         alpha0, beta0, gamma0: fixed rates (fitted when None, floored at 0.5 as Giles).
         batch_size: samples per level-function call; the sums are saved after every batch.
         state_path: JSON file of the per-level sums; an existing one (same ``state_key``) is resumed.
         pilot: an automatic-Lmin pilot (``choose_lmin``) for ``levels`` at its Lmin: its coupled levels above
             Lmin are reused and the rest is counted in ``nfe`` (``pilot_nfe``).
+        n_start: the first pilot per level (default ``first_pilot``: about 32 values per level, so 2 samples
+            of a 16-pixel payoff and 33 of a scalar one); the pilot then grows by cost.
+        pilot_fraction: the pilot's largest share of the predicted cost of the run.
+        floor: the fewest samples a newly added level gets.
+        fallback: finish as plain MC when the pilot predicts it cheaper (needs ``levels.with_lmin``).
 
     Raises:
         WeakConvergenceFailure: Lmax reached and the bias test still fails (``.result`` has the estimate).
@@ -271,51 +323,47 @@ def mlmc(
         raise InputError(f"n0: expected at least 2 pilot samples, got {n0}")
     if not 0 < theta < 1:
         raise InputError(f"theta: expected 0 < theta < 1, got {theta}")
+    if not 0 < pilot_fraction <= 1:
+        raise InputError(f"pilot_fraction: expected a number in (0, 1], got {pilot_fraction}")
     if pilot is not None and pilot.lmin != lmin:
         raise InputError(f"pilot: chose lmin={pilot.lmin}, but the levels start at lmin={lmin}")
+    settings = Settings(float(eps), theta, lmax, n0, n_start or first_pilot(n0, levels.pixels), pilot_fraction,
+                        floor, batch_size, fallback, alpha0, beta0, gamma0)
     key = fingerprint(key=state_key, eps=eps, M=levels.M, lmax=lmax, n0=n0, theta=theta, alpha0=alpha0,
-                      beta0=beta0, gamma0=gamma0, batch_size=batch_size)
+                      beta0=beta0, gamma0=gamma0, batch_size=batch_size, n_start=settings.n_start,
+                      pilot_fraction=pilot_fraction, floor=floor, fallback=fallback)
     st = DriverState(state_path, key, levels.pixels)
-    run = _Run(levels, eps, lmax, n0, theta, alpha0, beta0, gamma0, batch_size, st)
+    run = _Run(levels, settings, st)
     if st.load():
         if st.lmin is not None and st.lmin != lmin:
             raise InputError(f"state: {state_path} holds a run with lmin={st.lmin}, not {lmin}")
     else:
         run.start(pilot)
 
-    converged = True
-    while True:
+    converged = False
+    while st.rounds < MAX_ROUNDS:
         run.sample_pending()
-        ls = run.statistics()
-        rates = run.rates(ls)
-        var = [ls[0].var] + rates.var
-        cost = [s.cost for s in ls]
-        ns = optimal_samples(var, cost, eps, theta)
-        dn = {s.level: max(0, n - s.n_samples) for s, n in zip(ls, ns)}
-        if all(dn[l] <= 0.01 * st.sums[l].n for l in dn):  # (almost) converged: test the bias
-            if not run.bias(rates, ls) > math.sqrt(theta) * eps:
-                break
-            # An inconclusive test is settled with samples at the finest levels when that costs less than a
-            # new level (10 samples); at Lmax, while a round costs less than n0 samples of the level that
-            # cannot be added (Giles 2008's price of a level; the rounds at least double the counts, so they
-            # end). A failing test needs a new level.
-            more = run.settle(rates, ls)
-            budget = (min(n0, 10) if st.L < lmax else n0) * levels.cost(st.L + 1)
-            if more and sum(n * levels.cost(l) for l, n in more.items()) <= budget:
-                dn.update(more)
-            elif st.L == lmax:
-                converged = False
-                break
-            else:
-                dn = run.add_level(var, cost, rates.beta)
-        if sum(dn.values()) == 0:
-            break
-        st.pending.update(dn)
+        moments = run.moments()
+        rates = run.rates(moments)
+        if st.phase == "pilot":
+            more = run.pilot_growth(moments, rates)
+            if more:
+                st.pending.update(more)
+                st.save()
+                continue
+            st.phase = run.decide(moments, rates)
+        if st.phase == "mc":
+            more, converged = run.mc_round(moments, rates), True
+            st.pending_plain.update(more)
+        else:
+            more, converged = run.mlmc_round(moments, rates)
+            st.pending.update(more)
         st.save()
-
-    result = run.result(converged, time.perf_counter() - tic)
+        if not more:
+            break
+    result = run.result(converged, time.perf_counter() - tic, st.phase if st.phase != "pilot" else "mlmc")
     if not converged:
         raise WeakConvergenceFailure(
             f"weak convergence failed: the bias estimate {result.bias_estimate:.3g} still exceeds sqrt(theta) eps = "
-            f"{math.sqrt(theta) * eps:.3g} at Lmax = {lmax}; raise --lmax or eps", result)
+            f"{math.sqrt(theta) * eps:.3g} at L = {st.L} (lmax {lmax}); raise --lmax or eps", result)
     return result

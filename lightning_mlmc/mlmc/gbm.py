@@ -9,7 +9,7 @@ the previous level's fine path; the cost of a sample is its fine time steps, M^l
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -45,6 +45,12 @@ class GBMCall:
 
     def cost(self, level: int) -> float:
         return float(self.M**level)
+
+    def plain_cost(self, level: int) -> float:
+        return float(self.M**level)
+
+    def with_lmin(self, lmin: int) -> "GBMCall":
+        return replace(self, lmin=int(lmin))
 
     def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums:
         g = torch.Generator().manual_seed(derive_seed(self.seed, level, batch_index, rank))

@@ -138,6 +138,16 @@ class CoupledLevelSampler:
         """NFEs per sample: M^l + M^(l-1), or M^l at Lmin."""
         return level_cost(self.M, level, self.lmin)
 
+    def plain_cost(self, level: int) -> float:
+        """NFEs of one plain sample of P_l (the sequential sampler with M^l steps)."""
+        return float(self.M**level)
+
+    @property
+    def scheme(self) -> dict:
+        """The scheme these levels run (recorded in MLMC results)."""
+        return {"grid": self.grid.kind, "rho": self.grid.rho, "coupling": self.coupling, "sampler": self.sampler,
+                **({"data_std": self.data_std} if self.coupling == "jacobian" else {})}
+
     def coefficients(self, steps: int) -> StepCoefficients:
         """The step coefficients of the grid with ``steps`` steps (cached)."""
         if steps not in self._coef:

@@ -14,7 +14,7 @@ import os
 import torch
 
 from lightning_mlmc.errors import InputError
-from lightning_mlmc.mlmc.sums import LevelSums
+from lightning_mlmc.mlmc.sums import LevelSums, is_rank_zero
 
 
 def fingerprint(**args) -> str:
@@ -32,9 +32,15 @@ class DriverState:
         self.L: int | None = None
         self.lmin: int | None = None
         self.pilot_nfe, self.pilot_calls = 0.0, 0
-        self.sums: dict[int, LevelSums] = {}
+        self.sums: dict[int, LevelSums] = {}  # the MLMC levels (plain at Lmin, coupled above)
+        self.plain: dict[int, LevelSums] = {}  # plain samples of P_l drawn for a plain-MC finish
         self.batches: dict[int, int] = {}
         self.pending: dict[int, int] = {}
+        self.pending_plain: dict[int, int] = {}
+        self.phase = "pilot"  # pilot -> mlmc or mc
+        self.mc_level: int | None = None  # the level of a plain-MC finish
+        self.pilot_n = 0  # pilot samples per pilot level
+        self.rounds = 0
 
     def ensure(self, level: int) -> None:
         if level not in self.sums:
@@ -43,12 +49,14 @@ class DriverState:
             self.pending.setdefault(level, 0)
 
     def save(self) -> None:
-        if self.path is None:
+        if self.path is None or not is_rank_zero():  # every rank holds the same reduced sums
             return
+        dump = lambda sums: {l: {"n": s.n, "calls": s.calls, "sums": {k: v.tolist() for k, v in s.sums.items()}}  # noqa: E731
+                             for l, s in sums.items()}
         data = {"fingerprint": self.fingerprint, "L": self.L, "lmin": self.lmin, "pilot_nfe": self.pilot_nfe,
-                "pilot_calls": self.pilot_calls, "pending": self.pending, "batches": self.batches,
-                "levels": {l: {"n": s.n, "calls": s.calls, "sums": {k: v.tolist() for k, v in s.sums.items()}}
-                           for l, s in self.sums.items()}}
+                "pilot_calls": self.pilot_calls, "pending": self.pending, "pending_plain": self.pending_plain,
+                "batches": self.batches, "phase": self.phase, "mc_level": self.mc_level, "pilot_n": self.pilot_n, "rounds": self.rounds,
+                "levels": dump(self.sums), "plain": dump(self.plain)}
         tmp = f"{self.path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(data, f)
@@ -83,8 +91,13 @@ class DriverState:
             return False
         self.L, self.lmin = data["L"], data.get("lmin")
         self.pilot_nfe, self.pilot_calls = float(data.get("pilot_nfe", 0.0)), int(data.get("pilot_calls", 0))
-        self.pending = {int(k): int(v) for k, v in data["pending"].items()}
-        self.batches = {int(k): int(v) for k, v in data["batches"].items()}
-        self.sums = {int(l): LevelSums(d["n"], {k: torch.tensor(v, dtype=torch.float64) for k, v in d["sums"].items()},
-                                       d["calls"]) for l, d in data["levels"].items()}
+        ints = lambda d: {int(k): int(v) for k, v in d.items()}  # noqa: E731
+        load = lambda sums: {int(l): LevelSums(d["n"], {k: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+                                                         for k, v in d["sums"].items()}, d["calls"])
+                             for l, d in sums.items()}
+        self.pending, self.pending_plain = ints(data["pending"]), ints(data.get("pending_plain", {}))
+        self.batches = ints(data["batches"])
+        self.sums, self.plain = load(data["levels"]), load(data.get("plain", {}))
+        self.phase, self.mc_level = data.get("phase", "pilot"), data.get("mc_level")
+        self.pilot_n, self.rounds = data.get("pilot_n", 0), data.get("rounds", 0)
         return True

@@ -6,6 +6,7 @@ over pixels of the per-pixel variance (DESIGN.md section 4).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +67,8 @@ class LevelStats:
     var_fine: float  # mean over pixels of V[P_l]
     kurtosis: float
     calls: int  # network evaluations counted
+    mean_debiased: float = math.nan  # sqrt(mean over pixels of E[Y_l]^2) without the noise floor V_l / N_l
+    var_plain: float = math.nan  # V[P_l] pooled over every path with P_l's law (fine of l, coarse of l + 1)
 
 
 def level_stats(level: int, s: LevelSums, cost: float) -> LevelStats:
@@ -93,6 +96,16 @@ def _dist():
     return None
 
 
+def world_size() -> int:
+    dist = _dist()
+    return 1 if dist is None else dist.get_world_size()
+
+
+def is_rank_zero() -> bool:
+    dist = _dist()
+    return dist is None or dist.get_rank() == 0
+
+
 def rank_share(n: int) -> tuple[int, int]:
     """(this rank's share of n samples, rank); (n, 0) outside torch.distributed."""
     dist = _dist()
@@ -102,14 +115,26 @@ def rank_share(n: int) -> tuple[int, int]:
     return n // world + (1 if rank < n % world else 0), rank
 
 
+def reduction_device() -> torch.device:
+    """Where the process group reduces: the current CUDA device under NCCL (it has no CPU backend), else the
+    CPU."""
+    dist = _dist()
+    if dist is not None and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_reduce(s: LevelSums) -> LevelSums:
-    """The sums over every rank (the identity outside torch.distributed)."""
+    """The sums over every rank (the identity outside torch.distributed), reduced on the process group's
+    device and returned on the CPU."""
     dist = _dist()
     if dist is None:
         return s
     keys = list(SUM_NAMES)
     flat = torch.cat([s.sums[k] for k in keys] + [torch.tensor([s.n, s.calls], dtype=torch.float64)])
+    flat = flat.to(reduction_device())
     dist.all_reduce(flat)
+    flat = flat.cpu()
     p = s.sums["y1"].numel()
     sums = {k: flat[i * p : (i + 1) * p].clone() for i, k in enumerate(keys)}
     return LevelSums(int(flat[-2].item()), sums, int(flat[-1].item()))

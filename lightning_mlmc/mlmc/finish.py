@@ -1,0 +1,99 @@
+"""How a driver run ends: the plain-MC finish (when the pilot predicted plain MC cheaper) and the result
+with its honest comparison (``estimates.plain_mc_alternative``) and Giles' same-grid figure."""
+
+from __future__ import annotations
+
+import math
+
+from lightning_mlmc.mlmc.estimates import (
+    LevelMoments,
+    SquaredBias,
+    bias_of_level,
+    debiased_rms,
+    pooled_plain_variance,
+    remaining_bias_weights,
+)
+from lightning_mlmc.mlmc.plan import Rates
+from lightning_mlmc.mlmc.result import MLMCResult
+from lightning_mlmc.mlmc.sums import LevelStats, level_stats, world_size
+
+
+def plain_samples(run, moments: list[LevelMoments], level: int):
+    """(sum, sum of squares, n) of every sample of P_level the run holds: the fine paths of that level, the
+    coarse paths of the next (independent streams, the same law) and the plain samples drawn for the finish."""
+    by = {m.level: m for m in moments}
+    parts = []
+    if level in by:
+        parts.append((by[level].fine_sum, by[level].fine_sq, by[level].n))
+    if level + 1 in by and level + 1 > run.lmin:
+        parts.append((by[level + 1].coarse_sum, by[level + 1].coarse_sq, by[level + 1].n))
+    if level in run.st.plain:
+        p = run.st.plain[level]
+        parts.append((p.sums["f1"], p.sums["f2"], p.n))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts), sum(p[2] for p in parts)
+
+
+def mc_bias(run, moments: list[LevelMoments], rates: Rates) -> SquaredBias:
+    """The squared bias of plain MC at the finish's level: the sampled level means above it plus the tail."""
+    tail = remaining_bias_weights(moments, run.lmin, run.M, rates.alpha, alpha_se=rates.alpha_se)
+    return bias_of_level(moments, run.st.mc_level, tail)
+
+
+def mc_round(run, moments: list[LevelMoments], rates: Rates) -> dict[int, int]:
+    """Plain samples the finish still needs at its level: V[P_l] / (eps^2 - B^2), B^2 one SE up."""
+    level = run.st.mc_level
+    s1, s2, have = plain_samples(run, moments, level)
+    var = float(((s2 / have - (s1 / have) ** 2).clamp_min(0.0) * (have / max(have - 1, 1))).mean())
+    need = math.ceil(var / max(run.s.eps**2 - mc_bias(run, moments, rates).upper, 1e-300)) - have
+    return {level: need} if need > 0.01 * have else {}
+
+
+def result(run, converged: bool, wall_seconds: float, method: str) -> MLMCResult:
+    st, s, M = run.st, run.s, run.M
+    moments = run.moments()
+    rates = run.rates(moments)
+    stats = [_stats(run, m, moments) for m in moments]
+    bias, _ = run.bias(moments, rates)
+    plain_nfe = sum(p.n * run.plain_cost(l) for l, p in st.plain.items())
+    nfe = sum(x.n_samples * x.cost for x in stats) + st.pilot_nfe + plain_nfe
+    calls = sum(x.calls for x in stats) + st.pilot_calls + sum(p.calls for p in st.plain.values())
+    mc = run.plain_alternative(moments, rates)
+    if method == "mc":
+        s1, s2, n = plain_samples(run, moments, st.mc_level)
+        estimate = s1 / n
+        var = float(((s2 / n - estimate**2).clamp_min(0.0) * (n / max(n - 1, 1))).mean()) / n
+        bias2 = mc_bias(run, moments, rates).bound
+    else:
+        estimate = sum(m.mean for m in moments)
+        # rmse_bound is an upper confidence bound: each V_l raised by two standard errors of a sample
+        # variance, V_l sqrt((kurtosis - 1) / N_l), and the bias at its upper confidence value.
+        var = sum(x.var / x.n_samples * (1 + 2 * math.sqrt(max(x.kurtosis - 1, 0.0) / x.n_samples))
+                  for x in stats if x.n_samples > 0)
+        bias2 = bias.bound
+    same = same_grid(run, moments)
+    nfe_mc = min(mc.cost, same) if mc.meets_eps and math.isfinite(same) else (mc.cost if mc.meets_eps else same)
+    return MLMCResult(
+        estimate=estimate.tolist(), levels=stats, alpha=rates.alpha, beta=rates.beta, gamma=rates.gamma,
+        nfe=float(nfe), nfe_counted=int(calls), nfe_mc=float(nfe_mc), savings=float(nfe_mc / nfe),
+        eps=float(s.eps), rmse_bound=float(math.sqrt(var + bias2)) if math.isfinite(bias2) else math.inf,
+        bias_estimate=float(math.sqrt(bias2)) if math.isfinite(bias2) else math.inf,
+        wall_seconds=wall_seconds, M=M, lmin=run.lmin, theta=s.theta, converged=converged,
+        pilot_nfe=float(st.pilot_nfe), method=method, mc_level=st.mc_level if method == "mc" else None,
+        mc_steps=int(mc.steps), mc_samples=int(mc.samples), mc_meets_eps=bool(mc.meets_eps),
+        nfe_mc_same_grid=float(same), savings_same_grid=float(same / nfe), rounds=st.rounds,
+        world_size=world_size(), scheme=dict(getattr(run.levels, "scheme", {}) or {}),
+    )
+
+
+def _stats(run, m: LevelMoments, moments: list[LevelMoments]) -> LevelStats:
+    x = level_stats(m.level, run.st.sums[m.level], run.levels.cost(m.level))
+    x.mean_debiased = debiased_rms(m)
+    x.var_plain = pooled_plain_variance(moments, m.level, run.lmin)[0]
+    return x
+
+
+def same_grid(run, moments: list[LevelMoments]) -> float:
+    """Giles' comparison: plain MC on the run's finest grid, V[P_L] C_L / ((1 - theta) eps^2)."""
+    L = moments[-1].level
+    var, _ = pooled_plain_variance(moments, L, run.lmin)
+    return var * run.plain_cost(L) / ((1 - run.s.theta) * run.s.eps**2) if math.isfinite(var) else math.nan

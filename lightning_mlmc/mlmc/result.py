@@ -1,0 +1,53 @@
+"""The MLMC result (DESIGN.md section 6: RESULT.json), typed; ``to_json`` gives the contract's keys."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from lightning_mlmc.mlmc.sums import LevelStats
+
+
+@dataclass
+class MLMCResult:
+    """Result of the adaptive MLMC driver.
+
+    Savings are honest by default: ``nfe_mc`` is the fewest NFEs of a plain Monte Carlo estimator that
+    meets the same eps by this run's own estimates (``mc_steps`` x ``mc_samples``, each candidate level with
+    its own bias/variance split); Giles' same-grid figure, V[P_L] C_L / ((1 - theta) eps^2) at the run's L,
+    is ``nfe_mc_same_grid``. ``method`` is ``mc`` when the pilot predicted plain MC cheaper and the run
+    finished as plain MC at level ``mc_level`` (then ``levels`` are the pilot's).
+    """
+
+    estimate: list
+    levels: list[LevelStats]
+    alpha: float
+    beta: float
+    gamma: float
+    nfe: float  # by the cost formula, pilot included
+    nfe_counted: int  # network evaluations counted from the calls made
+    nfe_mc: float
+    savings: float
+    eps: float
+    rmse_bound: float
+    bias_estimate: float  # upper-confidence RMS bias of the estimate
+    wall_seconds: float
+    M: int
+    lmin: int
+    theta: float
+    converged: bool = True
+    pilot_nfe: float = 0.0  # NFEs of the automatic-Lmin pilot not reused by the estimate (inside nfe)
+    method: str = "mlmc"
+    mc_level: int | None = None
+    mc_steps: int = 0
+    mc_samples: int = 0
+    mc_meets_eps: bool = True
+    nfe_mc_same_grid: float = 0.0
+    savings_same_grid: float = 0.0
+    rounds: int = 0
+    world_size: int = 1
+    scheme: dict = field(default_factory=dict)  # grid, coupling, sampler, ... of the level function
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data.update(self.scheme)  # grid, coupling, ... as top-level keys (DESIGN.md section 6)
+        return data
