@@ -132,14 +132,15 @@ def test_an_undecidable_bias_test_at_lmax_ends():
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: g.kind)
 def test_every_grid_keeps_the_rmse_guarantee_and_the_bound_covers(grid):
     """20 adaptive runs (automatic Lmin) on the Gaussian inpainting problem, for every grid family: the
-    empirical RMSE against the exact second moment within the chi-square bound of eps over 20 runs, and the
-    mean reported rmse_bound covers it."""
+    empirical RMSE against the exact second moment within the chi-square bound of eps over 20 runs, and of the
+    mean reported rmse_bound (an upper bound on the true RMSE: the realized RMSE of 20 runs may exceed it by
+    the same chi-square factor, no more)."""
     from tests.test_mlmc_truth import rmse_bound_factor
 
     eps = 0.1
     rmse, mean_bound = _twenty_adaptive_runs(gaussian_inpaint(), grid, eps, "auto")
     assert rmse <= rmse_bound_factor(20) * eps
-    assert rmse <= mean_bound
+    assert rmse <= rmse_bound_factor(20) * mean_bound
 
 
 def test_same_seed_bit_identical_and_resume(tmp_path):
