@@ -60,7 +60,11 @@ def _add_config_args(p) -> None:
                         "or weights carried by the step Jacobian for Gaussian data of std --data-std")
     p.add_argument("--data-std", type=positive_float("data-std"), default=None,
                    help="data scale of --coupling jacobian (default 0.5, images in [-1, 1])")
-    p.add_argument("--batch-size", type=positive_int("batch-size"), default=None, help="default 1000")
+    p.add_argument("--batch-size", type=positive_int("batch-size"), default=None,
+                   help="samples per batch, each its own noise stream (default 1000)")
+    p.add_argument("--row-budget", type=positive_int("row-budget"), default=None,
+                   help="the most rows one network call takes; every batch of every level advances together in "
+                        "calls of up to this many rows (default 4096)")
     p.add_argument("--plots", help="folder for the convergence plots (PNG)")
     p.add_argument("--out", required=True)
 
@@ -72,7 +76,7 @@ def config_from_args(args):
     return MLMCConfig.from_scheme(args.scheme, grid=args.grid, rho=args.rho, coupling=args.coupling,
                                   data_std=args.data_std, sampler=args.sampler, M=args.M, lmin=args.lmin,
                                   lmax=args.lmax, n0=args.n0, theta=args.theta, payoff=args.payoff, clip=args.clip,
-                                  batch_size=args.batch_size, seed=args.seed)
+                                  batch_size=args.batch_size, row_budget=args.row_budget, seed=args.seed)
 
 
 def _levels(config, args):
@@ -83,6 +87,7 @@ def _levels(config, args):
 def cmd_mlmc(args) -> int:
     from lightning_mlmc.figures import plot_levels
     from lightning_mlmc.mlmc import run_mlmc
+    from lightning_mlmc.progress import for_terminal
 
     config = config_from_args(args)
     check_out(args.out)
@@ -91,7 +96,8 @@ def cmd_mlmc(args) -> int:
         key = config.state_key(problem=problem_source(args), start=args.start)
         failure = None
         try:
-            result = run_mlmc(config, levels, args.eps, state_path=args.state, state_key=key)
+            result = run_mlmc(config, levels, args.eps, state_path=args.state, state_key=key,
+                              progress=for_terminal() if rank() == 0 else None)
         except WeakConvergenceFailure as e:
             result, failure = e.result, e
         if rank() == 0:  # every rank holds the same reduced estimate; one writes it
@@ -112,8 +118,9 @@ def summary_line(result, out: str) -> str:
            f"MLMC levels {result.lmin}..{result.levels[-1].level}")
     return (f"estimate written to {out}: {how}; nfe {result.nfe:.0f}, plain MC would need {result.nfe_mc:.0f} "
             f"({result.mc_samples} x {result.mc_steps} steps): savings {result.savings:.2f}x "
-            f"({result.savings_same_grid:.2f}x against plain MC on the finest grid), rounds {result.rounds}, "
-            f"rmse bound {result.rmse_bound:.3g}")
+            f"({result.savings_same_grid:.2f}x against plain MC on the finest grid); {result.sequential_calls} "
+            f"sequential network calls in {result.rounds} rounds ({result.rows_per_call:.0f} rows a call; plain MC: "
+            f"{result.mc_sequential_calls}), rmse bound {result.rmse_bound:.3g}")
 
 
 def rank() -> int:
@@ -158,12 +165,14 @@ class distributed:
 def cmd_mlmc_test(args) -> int:
     from lightning_mlmc.figures import plot_levels
     from lightning_mlmc.mlmc import run_mlmc_test
+    from lightning_mlmc.progress import for_terminal
 
     config = config_from_args(args)
     if args.levels <= (1 if config.lmin == "auto" else config.lmin):
         raise InputError(f"levels: expected more than lmin = {config.lmin}, got {args.levels}")
     check_out(args.out)
-    res = run_mlmc_test(config, _levels(config, args), args.levels, args.samples, args.eps_list)
+    res = run_mlmc_test(config, _levels(config, args), args.levels, args.samples, args.eps_list,
+                        progress=for_terminal())
     print(res.tables())
     write_json(args.out, res.to_json())
     if args.plots:

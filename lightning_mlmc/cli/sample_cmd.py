@@ -46,7 +46,13 @@ def cmd_sample(args) -> int:
     noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype, device=device)
     grid = make_grid(args)
     if not args.sampler.startswith("picard-"):
-        out = sample(model, y, noise, steps=args.steps, sampler=args.sampler, start=start, grid=grid)
+        from lightning_mlmc.progress import for_terminal
+
+        progress = for_terminal()
+        progress.start(f"{args.sampler}: {args.num_samples} samples x {args.steps} steps", args.num_samples * args.steps)
+        out = sample(model, y, noise, steps=args.steps, sampler=args.sampler, start=start, grid=grid,
+                     callback=lambda info: progress.advance(args.num_samples))
+        progress.close()
     else:
         from lightning_mlmc.picard import picard_sample
 

@@ -16,6 +16,7 @@ import torch
 
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_std
+from lightning_mlmc.mlmc.engine import DEFAULT_ROW_BUDGET
 from lightning_mlmc.mlmc.diagnostics import MLMCTestResult, mlmc_test
 from lightning_mlmc.mlmc.driver import first_pilot, mlmc
 from lightning_mlmc.mlmc.result import MLMCResult
@@ -44,7 +45,8 @@ class MLMCConfig:
         M: refinement factor; lmin: coarsest level or ``"auto"`` (chosen from a coupled pilot run);
         lmax: finest level allowed; n0: pilot samples per level; theta: the bias share of eps^2.
         payoff, clip: f (``second_moment``, ``mean``, ``moments``) and the clamp of samples before it.
-        batch_size: samples per batched network pass; seed: base seed of every noise stream.
+        batch_size: samples per batch (each batch is one noise stream); row_budget: the most rows one network
+        call takes (a round advances every batch of every level together); seed: base seed of every stream.
     """
 
     grid: GridKind = "logsnr"
@@ -60,6 +62,7 @@ class MLMCConfig:
     payoff: PayoffName = "second_moment"
     clip: float | None = None
     batch_size: int = 1000
+    row_budget: int = DEFAULT_ROW_BUDGET
     seed: int = 0
 
     def __post_init__(self):
@@ -85,6 +88,8 @@ class MLMCConfig:
             raise InputError(f"clip: expected a positive number, got {self.clip}")
         if self.batch_size < 1:
             raise InputError(f"batch_size: expected an integer >= 1, got {self.batch_size}")
+        if self.row_budget < 1:
+            raise InputError(f"row_budget: expected an integer >= 1, got {self.row_budget}")
         if self.seed < 0:
             raise InputError(f"seed: expected a non-negative integer, got {self.seed}")
 
@@ -130,7 +135,8 @@ def mlmc_auto(levels: CoupledLevelSampler, eps: float, *, lmax: int = 10, n0: in
     pilot, lmin = None, DriverState.peek_lmin(state_path) if state_path else None
     if lmin is None:
         pilot = choose_lmin(levels, driver_kw.get("n_start") or first_pilot(n0, levels.pixels), lmax,
-                            batch_size=batch_size, eps=eps,
+                            batch_size=batch_size, eps=eps, budget=driver_kw.get("row_budget", DEFAULT_ROW_BUDGET),
+                            progress=driver_kw.get("progress"),
                             n_max=n0, pilot_fraction=driver_kw.get("pilot_fraction", 0.1),
                             theta=driver_kw.get("theta", 0.25))
         lmin = pilot.lmin
@@ -146,20 +152,20 @@ def mlmc_auto(levels: CoupledLevelSampler, eps: float, *, lmax: int = 10, n0: in
 
 
 def run_mlmc(config: MLMCConfig, levels: CoupledLevelSampler, eps: float, *, state_path: str | None = None,
-             state_key: str = "") -> MLMCResult:
+             state_key: str = "", progress=None) -> MLMCResult:
     """Giles' adaptive MLMC with ``config``'s settings on ``levels`` (``config.level_sampler(...)``), Lmin
     chosen automatically first when ``config.lmin`` is ``"auto"`` (``mlmc_auto``)."""
     run = mlmc_auto if config.lmin == "auto" else mlmc
     return run(levels, eps, lmax=config.lmax, n0=config.n0, theta=config.theta, batch_size=config.batch_size,
-               state_path=state_path, state_key=state_key)
+               row_budget=config.row_budget, state_path=state_path, state_key=state_key, progress=progress)
 
 
 def run_mlmc_test(config: MLMCConfig, levels: CoupledLevelSampler, finest: int, samples: int,
-                  eps_list=()) -> MLMCTestResult:
+                  eps_list=(), progress=None) -> MLMCTestResult:
     """Giles' ``mlmc_test`` with ``config``'s settings on ``levels``: the levels Lmin..``finest`` (with
     ``lmin: auto``, Lmin chosen first from a coupled pilot of ``samples`` samples per level)."""
     if config.lmin == "auto":
-        levels = levels.with_lmin(choose_lmin(levels, min(samples, config.n0), finest,
-                                              batch_size=config.batch_size).lmin)
+        levels = levels.with_lmin(choose_lmin(levels, min(samples, config.n0), finest, batch_size=config.batch_size,
+                                              budget=config.row_budget, progress=progress).lmin)
     return mlmc_test(levels, finest, samples, eps_list, n0=config.n0, theta=config.theta, lmax=config.lmax,
-                     batch_size=config.batch_size)
+                     batch_size=config.batch_size, budget=config.row_budget, progress=progress)

@@ -13,7 +13,9 @@ from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 from lightning_mlmc.mlmc.driver import mlmc
 from lightning_mlmc.mlmc.plan import fit_growth, fit_rate
 from lightning_mlmc.mlmc.levels import LevelFunction
-from lightning_mlmc.mlmc.sums import level_stats, sample_level
+import lightning_mlmc.mlmc.engine as engine
+from lightning_mlmc.mlmc.rounds import sample_levels
+from lightning_mlmc.mlmc.sums import level_stats
 
 KURTOSIS_WARNING = 100.0  # Giles: above this the variance estimates of the finest level are unreliable
 CHECK_WARNING = 1.0  # Giles: above this E[P_f - P_c] and E[P_f] - E[P_c] disagree (a coupling error)
@@ -52,6 +54,7 @@ class MLMCTestResult:
     complexity: list[ComplexityRow] = field(default_factory=list)
     wall_seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    sequential_calls: int = 0  # network calls of the table's round
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -84,15 +87,19 @@ def consistency_check(prev, y1, f1, var_y, var_f, n: int) -> float:
 
 
 def mlmc_test(levels: LevelFunction, finest: int, samples: int, eps_list=(), *, n0: int = 100, theta: float = 0.25,
-              lmax: int = 10, batch_size: int = 1000) -> MLMCTestResult:
-    """Giles' mlmc_test: ``samples`` coupled samples on every level Lmin..``finest``, the convergence table
-    with kurtosis and the consistency check (and his warnings), fitted rates, then one adaptive run per eps."""
+              lmax: int = 10, batch_size: int = 1000, budget: int = engine.DEFAULT_ROW_BUDGET,
+              progress=None) -> MLMCTestResult:
+    """Giles' mlmc_test: ``samples`` coupled samples on every level Lmin..``finest`` (one round of the batched
+    engine), the convergence table with kurtosis and the consistency check (and his warnings), fitted rates,
+    then one adaptive run per eps."""
     if finest <= levels.lmin:
         raise InputError(f"levels: expected more than lmin = {levels.lmin}, got {finest}")
     tic = time.perf_counter()
     rows, prev = [], None
+    table, stats = sample_levels(levels, {l: samples for l in range(levels.lmin, finest + 1)}, batch_size, budget,
+                                 progress=progress, what="mlmc_test")
     for l in range(levels.lmin, finest + 1):
-        s, _ = sample_level(levels, l, samples, batch_size, 0, levels.pixels)
+        s = table[l]
         st = level_stats(l, s, levels.cost(l))
         n = s.n
         y1, f1 = s.sums["y1"] / n, s.sums["f1"] / n
@@ -106,10 +113,11 @@ def mlmc_test(levels: LevelFunction, finest: int, samples: int, eps_list=(), *, 
     alpha = fit_rate(lv, [r.mean for r in coupled], levels.M)
     beta = fit_rate(lv, [r.var for r in coupled], levels.M)
     gamma = fit_growth(lv, [r.cost for r in coupled], levels.M)
-    res = MLMCTestResult(rows, alpha, beta, gamma, warnings=_warnings(rows))
+    res = MLMCTestResult(rows, alpha, beta, gamma, warnings=_warnings(rows), sequential_calls=stats.calls)
     for e in eps_list:
         try:
-            r, converged = mlmc(levels, e, lmax=lmax, n0=n0, theta=theta, batch_size=batch_size), True
+            r, converged = mlmc(levels, e, lmax=lmax, n0=n0, theta=theta, batch_size=batch_size, row_budget=budget,
+                                progress=progress), True
         except WeakConvergenceFailure as fail:
             r, converged = fail.result, False
         res.complexity.append(ComplexityRow(e, float(np.sqrt(np.mean(np.square(r.estimate)))), r.nfe, r.nfe_mc,

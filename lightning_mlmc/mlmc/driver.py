@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass
 
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
+from lightning_mlmc.progress import Progress
 from lightning_mlmc.mlmc.estimates import (
     LevelMoments,
     asymptotic_level,
@@ -33,13 +34,14 @@ from lightning_mlmc.mlmc.estimates import (
     sizing_variance,
     tail_relative_sd,
 )
+import lightning_mlmc.mlmc.engine as engine
 import lightning_mlmc.mlmc.finish as finish
+import lightning_mlmc.mlmc.rounds as rounds
 from lightning_mlmc.mlmc.levels import LevelFunction
 from lightning_mlmc.mlmc.lmin import LminChoice
 from lightning_mlmc.mlmc.plan import Rates, fit_rates, optimal_samples, plan
 from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.state import DriverState, fingerprint
-from lightning_mlmc.mlmc.sums import LevelSums, all_reduce, rank_share
 
 MAX_ROUNDS = 60  # a run that has not decided by then stops, unconverged, with its estimate
 
@@ -54,6 +56,7 @@ class Settings:
     pilot_fraction: float  # the pilot's share of the predicted cost of the run
     floor: int  # the fewest samples a new level gets
     batch_size: int
+    row_budget: int  # the most rows one network call takes
     fallback: bool  # finish as plain MC when the pilot predicts it cheaper
     alpha0: float | None
     beta0: float | None
@@ -66,6 +69,7 @@ class _Run:
     def __init__(self, levels: LevelFunction, settings: Settings, state: DriverState):
         self.levels, self.s, self.st = levels, settings, state
         self.M, self.lmin = levels.M, levels.lmin
+        self.progress = None
 
     # -- pilot set-up -----------------------------------------------------------------------------------
     def start(self, pilot: LminChoice | None) -> None:
@@ -75,6 +79,7 @@ class _Run:
                 if level > self.lmin:  # coupled levels are the same whatever Lmin is: keep their samples
                     st.sums[level], st.batches[level] = sums, pilot.batches[level]
             st.pilot_nfe, st.pilot_calls = pilot.unused_cost()
+            st.rounds, st.sequential_calls = pilot.rounds, pilot.sequential_calls
             st.batches[self.lmin] = pilot.batches.get(self.lmin, 0)  # fresh streams for the now plain level
         st.lmin = self.lmin
         st.L = min(max([self.lmin + 2, *st.sums]), s.lmax)
@@ -86,22 +91,8 @@ class _Run:
 
     # -- update the sample sums ---------------------------------------------------------------------------
     def sample_pending(self) -> None:
-        """One round: every pending sample, in batches shared across ranks, the state saved after each."""
-        st = self.st
-        for pending, sums, plain in ((st.pending, st.sums, False), (st.pending_plain, st.plain, True)):
-            for level in sorted(pending):
-                while pending[level] > 0:
-                    nb = min(self.s.batch_size, pending[level])
-                    share, rank = rank_share(nb)
-                    fn = self.levels.with_lmin(level) if plain else self.levels
-                    part = fn(level, share, st.batches.get(level, 0), rank) if share > 0 else LevelSums.zeros(st.pixels)
-                    if level not in sums:
-                        sums[level] = LevelSums.zeros(st.pixels)
-                    sums[level].add(all_reduce(part))
-                    st.batches[level] = st.batches.get(level, 0) + 1
-                    pending[level] -= nb
-                    st.save()
-        st.rounds += 1
+        """One round: every pending sample of every level, together on the batched engine."""
+        rounds.run_round(self.levels, self.st, self.s.batch_size, self.s.row_budget, self.progress)
 
     # -- estimates ----------------------------------------------------------------------------------------
     def moments(self) -> list[LevelMoments]:
@@ -279,6 +270,7 @@ def mlmc(
     beta0: float | None = None,
     gamma0: float | None = None,
     batch_size: int = 1000,
+    row_budget: int = engine.DEFAULT_ROW_BUDGET,
     state_path: str | None = None,
     state_key: str = "",
     pilot: LminChoice | None = None,
@@ -286,6 +278,7 @@ def mlmc(
     pilot_fraction: float = 0.1,
     floor: int = 4,
     fallback: bool = True,
+    progress: Progress | None = None,
 ) -> MLMCResult:
     """Giles' adaptive MLMC driver (Giles 2015, Algorithm 1) for a vector payoff, in planned rounds.
 
@@ -297,7 +290,8 @@ def mlmc(
         theta: the largest share of eps^2 the bias may take; the variance gets eps^2 minus the bias's upper
             confidence value (at least (1 - theta) eps^2).
         alpha0, beta0, gamma0: fixed rates (fitted when None, floored at 0.5 as Giles).
-        batch_size: samples per level-function call; the sums are saved after every batch.
+        batch_size: samples per batch (each batch is one noise stream); the sums are saved as batches finish.
+        row_budget: the most rows one network call takes; a round advances all its batches together.
         state_path: JSON file of the per-level sums; an existing one (same ``state_key``) is resumed.
         pilot: an automatic-Lmin pilot (``choose_lmin``) for ``levels`` at its Lmin: its coupled levels above
             Lmin are reused and the rest is counted in ``nfe`` (``pilot_nfe``).
@@ -306,6 +300,8 @@ def mlmc(
         pilot_fraction: the pilot's largest share of the predicted cost of the run.
         floor: the fewest samples a newly added level gets.
         fallback: finish as plain MC when the pilot predicts it cheaper (needs ``levels.with_lmin``).
+        progress: where to report each round's progress (``lightning_mlmc.progress.for_terminal()`` on a
+            terminal; nothing by default).
 
     Raises:
         WeakConvergenceFailure: Lmax reached and the bias test still fails (``.result`` has the estimate).
@@ -328,12 +324,13 @@ def mlmc(
     if pilot is not None and pilot.lmin != lmin:
         raise InputError(f"pilot: chose lmin={pilot.lmin}, but the levels start at lmin={lmin}")
     settings = Settings(float(eps), theta, lmax, n0, n_start or first_pilot(n0, levels.pixels), pilot_fraction,
-                        floor, batch_size, fallback, alpha0, beta0, gamma0)
+                        floor, batch_size, row_budget, fallback, alpha0, beta0, gamma0)
     key = fingerprint(key=state_key, eps=eps, M=levels.M, lmax=lmax, n0=n0, theta=theta, alpha0=alpha0,
                       beta0=beta0, gamma0=gamma0, batch_size=batch_size, n_start=settings.n_start,
                       pilot_fraction=pilot_fraction, floor=floor, fallback=fallback)
     st = DriverState(state_path, key, levels.pixels)
     run = _Run(levels, settings, st)
+    run.progress = progress
     if st.load():
         if st.lmin is not None and st.lmin != lmin:
             raise InputError(f"state: {state_path} holds a run with lmin={st.lmin}, not {lmin}")
@@ -361,6 +358,8 @@ def mlmc(
         st.save()
         if not more:
             break
+    if progress is not None:
+        progress.close()
     result = run.result(converged, time.perf_counter() - tic, st.phase if st.phase != "pilot" else "mlmc")
     if not converged:
         raise WeakConvergenceFailure(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import lightning_mlmc.mlmc.engine as engine
 from lightning_mlmc.mlmc.estimates import (
     LevelMoments,
     SquaredBias,
@@ -81,6 +82,8 @@ def result(run, converged: bool, wall_seconds: float, method: str) -> MLMCResult
         pilot_nfe=float(st.pilot_nfe), method=method, mc_level=st.mc_level if method == "mc" else None,
         mc_steps=int(mc.steps), mc_samples=int(mc.samples), mc_meets_eps=bool(mc.meets_eps),
         nfe_mc_same_grid=float(same), savings_same_grid=float(same / nfe), rounds=st.rounds,
+        sequential_calls=int(st.sequential_calls), rows_per_call=calls / max(st.sequential_calls, 1),
+        mc_sequential_calls=engine.plain_mc_calls(int(mc.steps), int(mc.samples), s.batch_size, s.row_budget),
         world_size=world_size(), scheme=dict(getattr(run.levels, "scheme", {}) or {}),
     )
 

@@ -17,19 +17,11 @@ import torch
 
 from lightning_mlmc.diffusion import StepCoefficients, advance, step_coefficients
 from lightning_mlmc.errors import InputError, NumericalError
+import lightning_mlmc.mlmc.engine as engine
 from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_std, coarse_noise_weights
 from lightning_mlmc.mlmc.payoffs import apply_payoff, make_payoff
 from lightning_mlmc.mlmc.sums import LevelSums
-from lightning_mlmc.sampling import (
-    Model,
-    NoiseSource,
-    StartDistribution,
-    Streams,
-    batch_obs,
-    call_model,
-    check_sampler,
-    gaussian_start,
-)
+from lightning_mlmc.sampling import Model, NoiseSource, StartDistribution, Streams, check_sampler, gaussian_start
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
 Tensor = torch.Tensor
@@ -163,51 +155,77 @@ class CoupledLevelSampler:
                                     for j in range(steps // self.M)]
         return self._weights[steps]
 
-    @torch.no_grad()
-    def paths(self, level: int, noise: NoiseSource) -> tuple[Tensor, Tensor | None, int]:
-        """Coupled fine and coarse samples of one batch: (x_fine, x_coarse or None, network evaluations)."""
-        M, n_f = self.M, self.M**level
-        cf = self.coefficients(n_f)
-        coupled = level > self.lmin
-        cc = self.coefficients(n_f // M) if coupled else None
-        weights = self.coarse_weights(n_f) if coupled else None
-        x_f = self.start.sample(noise.start())
-        x_c = x_f.clone() if coupled else None
-        batch = x_f.shape[0]
-        y1, y2 = batch_obs(self.y, batch), batch_obs(self.y, 2 * batch) if coupled else None
-        calls = 0
-        for j in range(n_f // M if coupled else n_f):
-            xi_c = None
-            for i in range(M if coupled else 1):
-                k = j * M + i if coupled else j
-                if coupled and i == 0:
-                    # Fine and coarse evaluate at the same time: one batched call.
-                    eps = call_model(self.model, torch.cat([x_f, x_c]), y2, cf.t[k])
-                    eps_f, eps_c = eps[:batch], eps[batch:]
-                    calls += 2 * batch
-                else:
-                    eps_f = call_model(self.model, x_f, y1, cf.t[k])
-                    calls += batch
-                xi = noise.step(k) if cf.noise[k] > 0 else None
-                if coupled and xi is not None:
-                    w = weights[j][i]
-                    xi_c = w * xi if xi_c is None else xi_c + w * xi
-                x_f = advance(x_f, eps_f, cf, k, xi)
-                if not torch.isfinite(x_f).all():
-                    raise NumericalError(f"non-finite values (NaN or Inf) in the fine path at level {level}, "
-                                         f"step {k} (t = {float(cf.t[k]):.6g})")
-            if coupled:
-                x_c = advance(x_c, eps_c, cc, j, xi_c)
-                if not torch.isfinite(x_c).all():
-                    raise NumericalError(f"non-finite values (NaN or Inf) in the coarse path at level {level}, "
-                                         f"coarse step {j} (t = {float(cc.t[j]):.6g})")
-        return x_f, x_c, calls
+    def steppers(self, level: int, n: int, batch_index: int = 0, rank: int = 0, plain: bool = False) -> "CoupledPaths":
+        """One batch of level ``level`` as an engine stepper (``engine.run`` advances many together)."""
+        return CoupledPaths(self, level, n, batch_index, rank, plain)
 
     def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums:
         """Sums over ``n`` coupled samples of level ``level`` from stream (seed, level, batch_index, rank)."""
-        noise = NoiseSource(self.seed, (n, *self.shape), stream=(level, batch_index, rank),
-                            dtype=self.dtype, device=self.device)
-        x_f, x_c, calls = self.paths(level, noise)
-        pf = apply_payoff(self.payoff, x_f).cpu()
-        pc = None if x_c is None else apply_payoff(self.payoff, x_c).cpu()
-        return LevelSums.from_payoffs(pf, pc, calls)
+        paths = self.steppers(level, n, batch_index, rank)
+        engine.run([paths], self.model, self.y)
+        return paths.sums()
+
+
+class CoupledPaths:
+    """The fine and coarse paths of one batch of a level (plain paths at Lmin, or when ``plain``), one reverse
+    step per network evaluation: fine and coarse rows are evaluated together at a coarse step's start (they
+    share its time), the coarse step's noise is built from the fine noises of its sub-steps.
+
+    All randomness comes from the batch's own stream (seed, level, batch_index, rank), so the paths do not
+    depend on what else the engine evaluates with them."""
+
+    def __init__(self, sampler: CoupledLevelSampler, level: int, n: int, batch_index: int, rank: int, plain: bool):
+        self.sampler, self.level, self.n = sampler, level, n
+        self.noise = NoiseSource(sampler.seed, (n, *sampler.shape), stream=(level, batch_index, rank),
+                                 dtype=sampler.dtype, device=sampler.device)
+        self.M, self.steps = sampler.M, sampler.M**level
+        self.coupled = level > sampler.lmin and not plain
+        self.cf = sampler.coefficients(self.steps)
+        self.cc = sampler.coefficients(self.steps // self.M) if self.coupled else None
+        self.weights = sampler.coarse_weights(self.steps) if self.coupled else None
+        self.x_f = sampler.start.sample(self.noise.start())
+        self.x_c = self.x_f.clone() if self.coupled else None
+        self.k, self.calls, self.xi_c, self.eps_c = 0, 0, None, None
+
+    @property
+    def remaining(self) -> int:
+        return self.steps - self.k
+
+    def _both(self) -> bool:
+        return self.coupled and self.k % self.M == 0
+
+    def rows(self) -> int:
+        return 2 * self.n if self._both() else self.n
+
+    def inputs(self) -> tuple[Tensor, Tensor]:
+        x = torch.cat([self.x_f, self.x_c]) if self._both() else self.x_f
+        return x, torch.full((x.shape[0],), float(self.cf.t[self.k]), dtype=torch.float64, device=x.device)
+
+    def consume(self, eps: Tensor) -> None:
+        k, cf = self.k, self.cf
+        j, i = divmod(k, self.M) if self.coupled else (k, 0)
+        self.calls += eps.shape[0]
+        if self._both():
+            eps, self.eps_c = eps[: self.n], eps[self.n :]
+        xi = self.noise.step(k) if cf.noise[k] > 0 else None
+        if self.coupled and xi is not None:
+            w = self.weights[j][i]
+            self.xi_c = w * xi if self.xi_c is None else self.xi_c + w * xi
+        self.x_f = advance(self.x_f, eps, cf, k, xi)
+        if not torch.isfinite(self.x_f).all():
+            raise NumericalError(f"non-finite values (NaN or Inf) in the fine path at level {self.level}, "
+                                 f"step {k} (t = {float(cf.t[k]):.6g})")
+        if self.coupled and i == self.M - 1:
+            self.x_c = advance(self.x_c, self.eps_c, self.cc, j, self.xi_c)
+            if not torch.isfinite(self.x_c).all():
+                raise NumericalError(f"non-finite values (NaN or Inf) in the coarse path at level {self.level}, "
+                                     f"coarse step {j} (t = {float(self.cc.t[j]):.6g})")
+            self.xi_c = self.eps_c = None
+        self.k += 1
+
+    def sums(self) -> LevelSums:
+        """The level sums of the finished paths (payoffs on the CPU, float64)."""
+        payoff = self.sampler.payoff
+        pf = apply_payoff(payoff, self.x_f).cpu()
+        pc = None if self.x_c is None else apply_payoff(payoff, self.x_c).cpu()
+        return LevelSums.from_payoffs(pf, pc, self.calls)

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.mlmc.levels import level_cost
-from lightning_mlmc.mlmc.sums import LevelSums, level_stats, sample_level
+import lightning_mlmc.mlmc.engine as engine
+from lightning_mlmc.mlmc.rounds import sample_levels
+from lightning_mlmc.mlmc.sums import LevelSums, level_stats
 
 
 @dataclass
@@ -21,6 +23,8 @@ class LminChoice:
     pilot: dict  # level -> LevelSums of the coupled pilot (reused for levels > lmin)
     batches: dict  # level -> pilot batches used (the estimate's streams continue after them)
     M: int = 2
+    rounds: int = 0  # engine rounds the pilot took
+    sequential_calls: int = 0  # network calls made one after another
 
     def unused_cost(self) -> tuple[float, int]:
         """(NFEs by the cost formula, network calls counted) of the pilot levels at or below Lmin: the part
@@ -33,12 +37,17 @@ class LminChoice:
         return nfe, calls
 
 
+FIRST_CLIMB = 3  # levels the climb samples in its first round
+
+
 def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: float = 0.25, eps: float | None = None,
-                n_max: int | None = None, pilot_fraction: float = 0.1, theta: float = 0.5) -> LminChoice:
+                n_max: int | None = None, pilot_fraction: float = 0.1, theta: float = 0.5,
+                budget: int = engine.DEFAULT_ROW_BUDGET, progress=None) -> LminChoice:
     """Automatic Lmin from a pilot run of ``n`` coupled samples on levels 1, 2, ...
 
     The pilot stops at the first level whose coupled variance V_l is below ``ratio`` V[P_l] (the coupling
-    has started to pay) or at ``lmax``. With ``eps`` given it then grows, once, to the largest count (at
+    has started to pay) or at ``lmax``; its first round samples levels 1..3 together, later rounds one level
+    each (every round on the batched engine). With ``eps`` given it then grows, once, to the largest count (at
     most ``n_max``) whose cost stays within ``pilot_fraction`` of the MLMC cost it predicts,
     (sum_l sqrt(V_l C_l))^2 / ((1 - theta) eps^2), so a tight eps gets a reliable choice and a loose one a
     cheap one. Every candidate c below the top whose next level already has V_(c+1) < V[P_(c+1)] (the seed
@@ -51,26 +60,37 @@ def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: flo
     if not hasattr(levels, "with_lmin"):
         raise InputError("lmin: 'auto' needs a level sampler that can change its Lmin (a CoupledLevelSampler)")
     probe = levels.with_lmin(0)  # every level >= 1 coupled
-    M, pixels = probe.M, probe.pixels
-    pilot, batches = {}, {}
-    level = 0
-    while level < lmax:  # climb
-        level += 1
-        pilot[level], batches[level] = sample_level(probe, level, n, batch_size, 0, pixels)
+    M = probe.M
+    pilot, batches, rounds, calls = {}, {}, 0, 0
+
+    def draw(counts):  # one round of the batched engine over these levels
+        nonlocal rounds, calls
+        sums, stats = sample_levels(probe, counts, batch_size, budget, batches, progress, "automatic Lmin pilot")
+        for level, part in sums.items():
+            if level in pilot:
+                pilot[level].add(part)
+            else:
+                pilot[level] = part
+        rounds, calls = rounds + 1, calls + stats.calls
+
+    def coupling_pays(level):
         st = level_stats(level, pilot[level], probe.cost(level))
-        if st.var < ratio * st.var_fine:
-            break
+        return st.var < ratio * st.var_fine
+
+    # Climb: the first levels together (they are cheap), then one level a round until the coupling pays.
+    draw({l: n for l in range(1, min(FIRST_CLIMB, lmax) + 1)})
+    level = next((l for l in sorted(pilot) if coupling_pays(l)), max(pilot))
+    while not coupling_pays(level) and level < lmax:
+        level += 1
+        draw({level: n})
     lmin, predicted = _select(pilot, M)
     if eps is not None and predicted:
         unit = sum(probe.cost(l) for l in pilot)
         target = min(n_max or n, int(pilot_fraction * predicted[lmin] ** 2 / ((1 - theta) * eps**2) / unit))
         if target >= 1.5 * n:  # grow the pilot once, then choose again
-            for level in pilot:
-                more, used = sample_level(probe, level, target - n, batch_size, batches[level], pixels)
-                pilot[level].add(more)
-                batches[level] += used
+            draw({l: target - n for l in pilot})
             lmin, predicted = _select(pilot, M)
-    return LminChoice(lmin, max(pilot), predicted, pilot, batches, M)
+    return LminChoice(lmin, max(pilot), predicted, pilot, batches, M, rounds, calls)
 
 
 def _select(pilot: dict[int, LevelSums], M: int) -> tuple[int, dict[int, float]]:

@@ -44,6 +44,9 @@ class MLMCResult:
     nfe_mc_same_grid: float = 0.0
     savings_same_grid: float = 0.0
     rounds: int = 0
+    sequential_calls: int = 0  # batched network calls made one after another (what an accelerator waits on)
+    rows_per_call: float = 0.0  # nfe_counted / sequential_calls
+    mc_sequential_calls: int = 0  # the plain-MC alternative's, on the same engine with the same row budget
     world_size: int = 1
     scheme: dict = field(default_factory=dict)  # grid, coupling, sampler, ... of the level function
 

@@ -41,6 +41,9 @@ class DriverState:
         self.mc_level: int | None = None  # the level of a plain-MC finish
         self.pilot_n = 0  # pilot samples per pilot level
         self.rounds = 0
+        self.sequential_calls = 0  # batched network calls made one after another
+        self.round: list[dict] = []  # the batches of the round under way (rounds.Batch fields)
+        self.round_done: dict[int, LevelSums] = {}  # their sums as they finish
 
     def ensure(self, level: int) -> None:
         if level not in self.sums:
@@ -55,7 +58,9 @@ class DriverState:
                              for l, s in sums.items()}
         data = {"fingerprint": self.fingerprint, "L": self.L, "lmin": self.lmin, "pilot_nfe": self.pilot_nfe,
                 "pilot_calls": self.pilot_calls, "pending": self.pending, "pending_plain": self.pending_plain,
-                "batches": self.batches, "phase": self.phase, "mc_level": self.mc_level, "pilot_n": self.pilot_n, "rounds": self.rounds,
+                "batches": self.batches, "phase": self.phase, "mc_level": self.mc_level, "pilot_n": self.pilot_n,
+                "rounds": self.rounds, "sequential_calls": self.sequential_calls, "round": self.round,
+                "round_done": dump(self.round_done),
                 "levels": dump(self.sums), "plain": dump(self.plain)}
         tmp = f"{self.path}.tmp-{os.getpid()}"
         with open(tmp, "w") as f:
@@ -100,4 +105,6 @@ class DriverState:
         self.sums, self.plain = load(data["levels"]), load(data.get("plain", {}))
         self.phase, self.mc_level = data.get("phase", "pilot"), data.get("mc_level")
         self.pilot_n, self.rounds = data.get("pilot_n", 0), data.get("rounds", 0)
+        self.sequential_calls = data.get("sequential_calls", 0)
+        self.round, self.round_done = data.get("round", []), load(data.get("round_done", {}))
         return True

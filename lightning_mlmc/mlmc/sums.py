@@ -138,15 +138,3 @@ def all_reduce(s: LevelSums) -> LevelSums:
     p = s.sums["y1"].numel()
     sums = {k: flat[i * p : (i + 1) * p].clone() for i, k in enumerate(keys)}
     return LevelSums(int(flat[-2].item()), sums, int(flat[-1].item()))
-
-
-def sample_level(level_fn, level: int, n: int, batch_size: int, first_batch: int, pixels: int) -> tuple[LevelSums, int]:
-    """``n`` samples of a level in batches of ``batch_size`` (each shared across ranks, streams
-    ``first_batch``, ``first_batch + 1``, ...); returns the reduced sums and the number of batches used."""
-    total, b = LevelSums.zeros(pixels), first_batch
-    while n > 0:
-        nb = min(batch_size, n)
-        share, rank = rank_share(nb)
-        total.add(all_reduce(level_fn(level, share, b, rank) if share > 0 else LevelSums.zeros(pixels)))
-        n, b = n - nb, b + 1
-    return total, b - first_batch
