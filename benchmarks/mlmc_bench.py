@@ -27,10 +27,10 @@ ROOT = os.path.dirname(HERE)
 
 
 class TimedModel:
-    """Wraps an eps-predictor and accumulates the wall time spent inside it."""
+    """Wraps an eps-predictor: the wall time spent inside it, its calls and the rows of each call."""
 
     def __init__(self, model):
-        self.model, self.seconds, self.rows = model, 0.0, 0
+        self.model, self.seconds, self.rows, self.calls = model, 0.0, 0, []
 
     def __call__(self, x, y, t):
         tic = time.perf_counter()
@@ -39,6 +39,7 @@ class TimedModel:
             torch.cuda.synchronize(out.device)  # time the GPU's work, not only the kernel launches
         self.seconds += time.perf_counter() - tic
         self.rows += x.shape[0]
+        self.calls.append(x.shape[0])
         return out
 
 
@@ -54,7 +55,7 @@ class Target:
     device: torch.device = torch.device("cpu")  # where the network runs (the model and y live there)
 
 
-def make_scheme(grid: str = "uniform", coupling: str = "naive", lmin="auto", M: int = 2, rho: float | None = None,
+def make_scheme(grid: str = "logsnr", coupling: str = "naive", lmin="auto", M: int = 2, rho: float | None = None,
            sampler: str = "ddpm", data_std: float = 0.5) -> MLMCConfig:
     """An MLMC scheme of the benchmarks: the command line's configuration (automatic Lmin by default)."""
     return MLMCConfig(grid=grid, coupling=coupling, lmin=lmin, M=M, rho=rho, sampler=sampler, data_std=data_std)

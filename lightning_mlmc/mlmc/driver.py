@@ -31,7 +31,6 @@ from lightning_mlmc.mlmc.estimates import (
     level_moments,
     plain_mc_alternative,
     remaining_bias_weights,
-    sizing_variance,
     tail_relative_sd,
 )
 import lightning_mlmc.mlmc.engine as engine
@@ -39,7 +38,7 @@ import lightning_mlmc.mlmc.finish as finish
 import lightning_mlmc.mlmc.rounds as rounds
 from lightning_mlmc.mlmc.levels import LevelFunction
 from lightning_mlmc.mlmc.lmin import LminChoice
-from lightning_mlmc.mlmc.plan import Rates, fit_rates, optimal_samples, plan
+from lightning_mlmc.mlmc.plan import Rates, fit_rates, level_variances, optimal_samples, plan
 from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.state import DriverState, fingerprint
 
@@ -203,7 +202,8 @@ class _Run:
                 return {}, False
             self.grow_to(new_L)
             return grow, False
-        var = [sizing_variance(m) for m in moments]
+        sizing = level_variances(moments, self.lmin, self.M)
+        var = [sizing[m.level] for m in moments]
         cost = [self.levels.cost(m.level) for m in moments]
         ns = optimal_samples(var, cost, s.eps**2 - min(bias.upper, room))
         dn = {m.level: max(0, k - m.n) for m, k in zip(moments, ns)}

@@ -107,9 +107,30 @@ class Plan:
     cost: float  # sum_l N_l C_l
 
 
-def level_variances(moments: list[LevelMoments]) -> dict[int, float]:
-    """Pixel-averaged V_l (one standard error up, ``sizing_variance``) of the levels with two samples or more."""
-    return {m.level: sizing_variance(m) for m in moments if m.n > 1}
+PRIOR_SAMPLES = 10  # the weight, in samples, of the fitted V_l in a level's sizing variance
+
+
+def level_variances(moments: list[LevelMoments], lmin: int | None = None, M: int = 2) -> dict[int, float]:
+    """The V_l the driver sizes N_l with (levels with two samples or more).
+
+    A coupled level's own V_l from a few samples is too noisy to size with (from five samples it is often
+    half the truth, and the run then misses its RMSE target; sized one standard error up it is often
+    twice, and the run overspends); it is pooled with the V_l that the fit of log V_l against l over the
+    coupled levels predicts, as if that prediction were ``PRIOR_SAMPLES`` more samples:
+    V = (N_l V_l + k V_fit) / (N_l + k). The plain level Lmin, and every level while fewer than three coupled
+    levels exist, use their own V_l one standard error up (``sizing_variance``)."""
+    out = {m.level: sizing_variance(m) for m in moments if m.n > 1}
+    coupled = [m for m in moments if lmin is not None and m.level > lmin and m.n > 1]
+    if len(coupled) < 3:
+        return out
+    x = np.array([m.level for m in coupled], dtype=float)
+    w = np.array([m.n for m in coupled], dtype=float)
+    logv = np.log(np.maximum([float(m.var.mean()) for m in coupled], 1e-300))
+    slope, intercept = np.polyfit(x, logv, 1, w=np.sqrt(w))
+    for m in coupled:
+        fit = math.exp(intercept + slope * m.level)
+        out[m.level] = (m.n * float(m.var.mean()) + PRIOR_SAMPLES * fit) / (m.n + PRIOR_SAMPLES)
+    return out
 
 
 MAX_JUMP = 2  # levels a plan may add at once (the extrapolation is only as good as alpha)
@@ -126,7 +147,7 @@ def plan(moments: list[LevelMoments], lmin: int, M: int, cost, eps: float, theta
     Ls = moments[-1].level
     tail = remaining_bias_weights(moments, lmin, M, rates.alpha, alpha_se=rates.alpha_se)
     b2 = bias_of_level(moments, Ls, tail).value if tail else eps**2  # the most likely L; the test decides
-    var = level_variances(moments)
+    var = level_variances(moments, lmin, M)
     last = max(var) if var else lmin
     best = None
     top = min(lmax, max(Ls, min_L) + MAX_JUMP)
