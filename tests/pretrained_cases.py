@@ -1,18 +1,25 @@
 """Bring-your-own-model test cases: a small unconditional diffusers DDPM trained on the digits, and an exact
 analytic prior written as a diffusers-style UNet (``forward(sample, timestep) -> .sample``).
 
-Nothing here uses ``lightning_mlmc.pretrained``: the analytic model computes its own alpha-bar at fractional
-timesteps (numpy interpolation of log alpha-bar, alpha-bar(-1) = 1) and its own Gaussian-mixture score, so the
-tests that compare the wrapper against it do not check the wrapper against itself.
+The analytic model and the exact posterior do not use ``lightning_mlmc.pretrained``: the model computes its own
+alpha-bar at fractional timesteps (numpy interpolation of log alpha-bar, alpha-bar(-1) = 1) and its own
+Gaussian-mixture score, so the tests that compare the wrapper against it do not check the wrapper against itself
+(``analytic_denoiser`` only puts the wrapper around it).
 """
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
+
+from lightning_mlmc.operators import Denoising
+from lightning_mlmc.pretrained import PretrainedEps, scheduler_alphas_cumprod
+from lightning_mlmc.problems import AnalyticSpec
 
 TRAIN_STEPS = 300
 
@@ -122,3 +129,37 @@ class AnalyticPriorUNet(nn.Module):
         eps = eps.reshape(sample.shape).to(sample)
         return UNet2DOutput(sample=eps) if return_dict else (eps,)
 
+
+# The exact-posterior case: a sharp 4-pixel Gaussian prior (std about 0.055) denoised at noise std 0.05, where the
+# posterior depends on the score at small t (so a timestep mapping off by one shows).
+PRIOR_MEAN = np.array([0.3, -0.2, 0.1, 0.5])
+_L = np.array([[1, .5, 0, 0], [0, 1, .3, 0], [.2, 0, 1, .4], [0, 0, .1, 1.]])
+PRIOR_COV = 0.003 * (_L @ _L.T + 0.2 * np.eye(4)) / np.mean(np.diag(_L @ _L.T + 0.2 * np.eye(4)))
+NOISE_STD = 0.05  # comparable to the prior std (0.055): the posterior depends on the score at small t
+Y = PRIOR_MEAN + np.array([0.06, -0.04, 0.03, 0.01])
+ANALYTIC_SHAPE = (1, 2, 2)
+
+
+def prior_spec() -> AnalyticSpec:
+    """The prior as an analytic spec with a zero operator (its "posterior" is the prior): the Gaussian oracle of
+    this spec gives the exact law of a sampler chain driven by the exact *prior* score."""
+    prior = {"weights": [1.0], "means": [PRIOR_MEAN.tolist()], "covs": [PRIOR_COV.tolist()]}
+    return AnalyticSpec.from_dict({"prior": prior, "operator": {"matrix": [[0.0] * 4]}, "noise_std": 1.0, "y": [0.0],
+                                   "shape": list(ANALYTIC_SHAPE)})
+
+
+def exact_denoising_posterior(noise_std=NOISE_STD):
+    """Mean and covariance of x | y for y = x + noise_std eta with the Gaussian prior (written out here)."""
+    ci = np.linalg.inv(PRIOR_COV)
+    cov = np.linalg.inv(ci + np.eye(4) / noise_std**2)
+    return cov @ (ci @ PRIOR_MEAN + Y / noise_std**2), cov
+
+
+def analytic_denoiser(tmp_path, noise_std=NOISE_STD):
+    """(PretrainedEps around the exact prior UNet, its network) with a real DDPMScheduler config saved and read."""
+    DDPMScheduler(num_train_timesteps=1000).save_config(str(tmp_path))
+    cfg = json.load(open(tmp_path / "scheduler_config.json"))
+    reference = DDPMScheduler.from_config(cfg).alphas_cumprod.double().numpy()
+    net = AnalyticPriorUNet([1.0], [PRIOR_MEAN], [PRIOR_COV], reference)
+    table, prediction = scheduler_alphas_cumprod(cfg)
+    return PretrainedEps(net, table, prediction, ANALYTIC_SHAPE, Denoising(ANALYTIC_SHAPE, noise_std)), net

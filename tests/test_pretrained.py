@@ -13,13 +13,26 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DModel
-from tests.pretrained_cases import AnalyticPriorUNet, digits, mixture_eps, trained_pipeline
+from tests.pretrained_cases import (
+    ANALYTIC_SHAPE,
+    NOISE_STD,
+    PRIOR_COV,
+    PRIOR_MEAN,
+    Y,
+    AnalyticPriorUNet,
+    analytic_denoiser,
+    digits,
+    exact_denoising_posterior,
+    mixture_eps,
+    prior_spec,
+    trained_pipeline,
+)
 
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.gaussian_oracle import GaussianOracle
 from lightning_mlmc.operators import Denoising
 from lightning_mlmc.pretrained import PREDICTION_TYPES, PretrainedEps, TimestepMap, scheduler_alphas_cumprod
-from lightning_mlmc.problems import AnalyticSpec, GaussianMixture
+from lightning_mlmc.problems import GaussianMixture
 from lightning_mlmc.sampling import NoiseSource, StartDistribution, observation_start, sample
 
 SHAPE = (1, 8, 8)
@@ -67,7 +80,7 @@ class GivenNoise(NoiseSource):
 def test_one_step_of_our_ddpm_sampler_is_diffusers_ddpm_step(ddpm_dir, prediction):
     """The same UNet output read as eps, v or x0: our step t_i -> t_j equals ``DDPMScheduler.step`` i -> j.
     Fails if t_i were (i + 1)/1000 or i/1000, if the network got timestep i +- 1, or with a wrong conversion."""
-    unet = UNet2DModel.from_pretrained(ddpm_dir / "unet").eval()
+    unet = UNet2DModel.from_pretrained(ddpm_dir / "unet", low_cpu_mem_usage=False).eval()
     scheduler, cfg = _scheduler(ddpm_dir, prediction_type=prediction)
     table, pred = scheduler_alphas_cumprod(cfg)
     model = PretrainedEps(unet, table, pred, SHAPE)
@@ -95,7 +108,7 @@ def test_one_step_of_our_ddpm_sampler_is_diffusers_ddpm_step(ddpm_dir, predictio
 def test_twenty_steps_of_our_ddpm_sampler_are_a_diffusers_ddpm_loop(ddpm_dir):
     """``DDPMPipeline``'s loop (20 inference steps, 950 -> ... -> 0 -> x0) and our sampler on the grid
     t_950 > ... > t_0 > 0 with the same start and step noises give the same samples."""
-    unet = UNet2DModel.from_pretrained(ddpm_dir / "unet").eval()
+    unet = UNet2DModel.from_pretrained(ddpm_dir / "unet", low_cpu_mem_usage=False).eval()
     scheduler, cfg = _scheduler(ddpm_dir)
     scheduler.set_timesteps(20)
     model = PretrainedEps(unet, *scheduler_alphas_cumprod(cfg), SHAPE)
@@ -136,31 +149,6 @@ def test_time_mapping_knots_and_ends():
 
 # ----------------------------------------------------------------------------------------------
 # Exact posterior: an exact prior score as a diffusers-style UNet, denoising from the observation start.
-
-PRIOR_MEAN = np.array([0.3, -0.2, 0.1, 0.5])
-_L = np.array([[1, .5, 0, 0], [0, 1, .3, 0], [.2, 0, 1, .4], [0, 0, .1, 1.]])
-PRIOR_COV = 0.003 * (_L @ _L.T + 0.2 * np.eye(4)) / np.mean(np.diag(_L @ _L.T + 0.2 * np.eye(4)))
-NOISE_STD = 0.05  # comparable to the prior std (0.055): the posterior depends on the score at small t
-Y = PRIOR_MEAN + np.array([0.06, -0.04, 0.03, 0.01])
-ANALYTIC_SHAPE = (1, 2, 2)
-
-
-def analytic_denoiser(tmp_path, noise_std=NOISE_STD):
-    """(PretrainedEps around the exact prior UNet, its network) with a real DDPMScheduler config saved and read."""
-    DDPMScheduler(num_train_timesteps=1000).save_config(str(tmp_path))
-    cfg = json.load(open(tmp_path / "scheduler_config.json"))
-    reference = DDPMScheduler.from_config(cfg).alphas_cumprod.double().numpy()
-    net = AnalyticPriorUNet([1.0], [PRIOR_MEAN], [PRIOR_COV], reference)
-    table, prediction = scheduler_alphas_cumprod(cfg)
-    return PretrainedEps(net, table, prediction, ANALYTIC_SHAPE, Denoising(ANALYTIC_SHAPE, noise_std)), net
-
-
-def exact_denoising_posterior(noise_std=NOISE_STD):
-    """Mean and covariance of x | y for y = x + noise_std eta with the Gaussian prior (written out here)."""
-    ci = np.linalg.inv(PRIOR_COV)
-    cov = np.linalg.inv(ci + np.eye(4) / noise_std**2)
-    return cov @ (ci @ PRIOR_MEAN + Y / noise_std**2), cov
-
 
 def test_the_analytic_unet_is_the_exact_prior_score():
     """The mixture eps of ``pretrained_cases`` equals -sigma grad log p_t by autograd of the diffused density."""
@@ -203,11 +191,7 @@ def test_denoising_from_the_observation_start_gives_the_exact_posterior(tmp_path
     mean, cov = exact_denoising_posterior()
     second = mean**2 + np.diag(cov)
     # Discretisation allowance: the exact law of this 100-step chain with the exact prior score.
-    prior_spec = AnalyticSpec.from_dict({"prior": {"weights": [1.0], "means": [PRIOR_MEAN.tolist()],
-                                                   "covs": [PRIOR_COV.tolist()]},
-                                         "operator": {"matrix": [[0.0] * 4]}, "noise_std": 1.0, "y": [0.0],
-                                         "shape": list(ANALYTIC_SHAPE)})  # A = 0: its "posterior" is the prior
-    law = GaussianOracle(prior_spec).law(steps, "ddpm", start=start)
+    law = GaussianOracle(prior_spec()).law(steps, "ddpm", start=start)
     bias_mean = np.abs(law.mean.numpy() - mean)
     bias_second = np.abs(law.second_moment.numpy() - second)
     se_mean, se_second = x.std(0) / np.sqrt(n), (x**2).std(0) / np.sqrt(n)
