@@ -268,6 +268,6 @@ def load_score_model(path: str, allow_pickle: bool = False, noise_std: float | N
         from lightning_mlmc.pretrained import find_layout, load_pretrained
 
         if not os.path.isfile(os.path.join(path, EXPORT_CONFIG)) and find_layout(path) is not None:
-            return load_pretrained(path, "denoise" if noise_std is not None else None, noise_std)
+            return load_pretrained(path, noise_std=noise_std)
         return load_exported(path)
     return load_score_module(path, allow_pickle=allow_pickle).model

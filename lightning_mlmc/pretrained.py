@@ -270,17 +270,21 @@ def _check_unet_config(cfg: dict, where: str) -> tuple[int, int, int]:
 UNCONDITIONAL_OPERATORS = ("denoise",)
 
 
-def load_pretrained(path: str, operator: str | None = "denoise", noise_std: float | None = None) -> PretrainedEps:
+def load_pretrained(path: str, operator: str | None = None, noise_std: float | None = None) -> PretrainedEps:
     """Load a diffusers DDPM folder (pipeline or bare UNet2DModel + scheduler config) as a ``PretrainedEps``.
 
     Args:
         path: the folder.
         operator: the inverse problem; ``denoise`` (with ``noise_std``) is the one an unconditional model
-            solves exactly, from the observation start. None: no operator (a bare prior model).
+            solves exactly, from the observation start. None: ``denoise`` if ``noise_std`` is given, else no
+            operator (the prior model alone, e.g. for ``deepinv_bridge.MLMCPosterior``, which takes the
+            operator from the physics).
         noise_std: the observation noise std of ``denoise``.
     """
     from diffusers import UNet2DModel
 
+    if operator is None and noise_std is not None:
+        operator = "denoise"
     layout = find_layout(path)
     if layout is None:
         raise InputError(f"checkpoint: {path!r} is not a diffusers DDPM folder (no model_index.json, and no "

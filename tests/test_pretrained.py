@@ -19,7 +19,6 @@ from tests.pretrained_cases import (
     PRIOR_COV,
     PRIOR_MEAN,
     Y,
-    AnalyticPriorUNet,
     analytic_denoiser,
     digits,
     exact_denoising_posterior,
@@ -30,7 +29,6 @@ from tests.pretrained_cases import (
 
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.gaussian_oracle import GaussianOracle
-from lightning_mlmc.operators import Denoising
 from lightning_mlmc.pretrained import PREDICTION_TYPES, PretrainedEps, TimestepMap, scheduler_alphas_cumprod
 from lightning_mlmc.problems import GaussianMixture
 from lightning_mlmc.sampling import NoiseSource, StartDistribution, observation_start, sample
@@ -204,3 +202,17 @@ def test_denoising_from_the_observation_start_gives_the_exact_posterior(tmp_path
         assert worst <= 5.0, (z_mean, z_second)
     else:
         assert worst > 5.0, f"the wrong mapping {mapping} passed: {z_mean}, {z_second}"
+
+
+def test_a_learned_variance_unet_gives_its_first_half_as_the_prediction():
+    """A UNet with 2C outputs (variance_type learned / learned_range): the eps-type output is the first C channels."""
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=2, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=4, add_attention=False).eval()
+    table, _ = scheduler_alphas_cumprod({"_class_name": "DDPMScheduler", "variance_type": "learned_range"})
+    model = PretrainedEps(unet, table, "epsilon", SHAPE)
+    x = torch.randn(3, *SHAPE, generator=torch.Generator().manual_seed(0))
+    t = model.timesteps.knot_times()[[10, 400, 900]]
+    with torch.no_grad():
+        full = unet(x, torch.tensor([10, 400, 900])).sample
+        torch.testing.assert_close(model(x, None, t), full[:, :1], rtol=1e-6, atol=1e-6)
