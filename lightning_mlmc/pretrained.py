@@ -29,6 +29,7 @@ The network is unconditional: it ignores y, and sees the observation only throug
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -184,7 +185,8 @@ class TimestepMap:
 
 
 def _network_place(network: nn.Module, x: Tensor) -> tuple[torch.dtype, torch.device]:
-    for tensor in (*network.parameters(), *network.buffers()):
+    """dtype and device of the network's first floating tensor (x's, for a network without any)."""
+    for tensor in itertools.chain(network.parameters(), network.buffers()):
         if tensor.is_floating_point():
             return tensor.dtype, tensor.device
     return x.dtype, x.device

@@ -169,6 +169,7 @@ BAD = [
         f, t, scheduler={"num_train_timesteps": 500})), "--noise-std", "150"], "beyond the model's largest noise level"),
     ("noise beyond t = 1", lambda f, t: ["--checkpoint", str(f), "--noise-std", "200"], "noise_std:"),
     ("png of another size", lambda f, t: ["--checkpoint", str(f), "--observation", str(_png(t, 16))], "observation:"),
+    ("resize a .npy", lambda f, t: ["--checkpoint", str(f), "--resize", True], "resize:"),
     ("operator with a spec", lambda f, t: ["--problem", os.path.join(os.path.dirname(__file__), "..", "examples",
                                                                      "bimodal2d.json"), "--observation", None],
      "operator:"),
@@ -192,7 +193,8 @@ def _bad_argv(folder, obs, tmp_path, extra):
     merged = {**base, **dict(zip(extra[::2], extra[1::2]))}
     if "--problem" in merged:
         merged.pop("--checkpoint")
-    return ["sample", *[x for k, v in merged.items() if v is not None for x in (k, v)]]
+    # None drops an option, True gives a flag without a value.
+    return ["sample", *[x for k, v in merged.items() if v is not None for x in ((k,) if v is True else (k, v))]]
 
 
 @pytest.mark.parametrize("name, args, needle", BAD, ids=[b[0] for b in BAD])

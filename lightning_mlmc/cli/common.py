@@ -178,6 +178,8 @@ def load_observation(path: str, operator, resize: bool = False):
         y, note = read_png(path, tuple(operator.observation_shape), resize=resize)
         print(f"observation {path}: {note}", flush=True)
         return y[None]
+    if resize:
+        raise InputError(f"resize: only for a PNG --observation, not {path!r}")
     try:
         data = np.load(path, allow_pickle=False)
         y = data["y"] if isinstance(data, np.lib.npyio.NpzFile) else data
