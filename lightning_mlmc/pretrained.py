@@ -16,9 +16,8 @@ told the noise level x_t really has. For the linear schedule (beta 1e-4 to 0.02 
 discretisation of this project's VP SDE, beta_min 0.1, beta_max 20) t_i is close to (i + 1)/1000:
 -log abar_i and -log gamma((i + 1)/1000) differ by the O(beta^2) terms of log(1 - beta) and the discrete
 sum of the betas (t_0 = 0.00092, t_999 = 1.0034, |tau(t) - (1000 t - 1)| <= 3.36 timesteps on [0, 1], largest
-at t = 1). Every other schedule diffusers defines (scaled_linear,
-squaredcos_cap_v2, sigmoid, trained_betas) is mapped the same way; times beyond the model's largest noise
-level (t > t_{N-1}) are refused.
+at t = 1). Every other schedule diffusers defines (scaled_linear, squaredcos_cap_v2, sigmoid, trained_betas) is
+mapped the same way; times beyond the model's largest noise level (t > t_{N-1}) are refused.
 
 Prediction types: epsilon (as is); sample (eps = (x - m x0) / sigma); v_prediction, v = m eps - sigma x0,
 so eps = sigma x + m v (m^2 + sigma^2 = 1). A learned-variance network's second half of channels is dropped.

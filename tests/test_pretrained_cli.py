@@ -227,3 +227,14 @@ def test_mlmc_save_images_needs_an_image_payoff(ddpm, tmp_path, capsys):
                "--observation", str(obs), "--eps", "0.2", "--out", str(out), "--save-images", str(tmp_path / "i")])
     assert rc == 2 and "save-images" in capsys.readouterr().err
     assert not out.exists() and not (tmp_path / "i").exists()
+
+
+def test_a_resumed_mlmc_state_is_keyed_on_the_noise_std(ddpm, tmp_path, capsys):
+    """``--state`` from a run at one --noise-std is not continued by a run at another (different likelihood)."""
+    folder, obs, _ = ddpm
+    base = ["mlmc", "--checkpoint", str(folder), "--operator", "denoise", "--observation", str(obs), "--eps", "0.3",
+            "--n0", "8", "--state", str(tmp_path / "state.json")]
+    assert main([*base, "--noise-std", "0.2", "--out", str(tmp_path / "a.json")]) == 0
+    capsys.readouterr()
+    rc = main([*base, "--noise-std", "0.3", "--out", str(tmp_path / "b.json")])
+    assert rc == 2 and "state" in capsys.readouterr().err

@@ -295,5 +295,9 @@ def _load_pretrained_target(args):
 
 
 def problem_source(args) -> list[str]:
-    """The files that define the problem (absolute paths), for run fingerprints."""
-    return [os.path.abspath(p) for p in (args.problem, args.checkpoint, args.observation) if p]
+    """The files that define the problem (absolute paths), for run fingerprints; for a diffusers model also its
+    operator and noise std (options, not files, define its likelihood)."""
+    source = [os.path.abspath(p) for p in (args.problem, args.checkpoint, args.observation) if p]
+    if getattr(args, "operator", None) is not None:
+        source.append(f"operator={args.operator} noise_std={getattr(args, 'noise_std', None)!r}")
+    return source
