@@ -50,6 +50,10 @@ _LAZY = {
     "DenseMatrix": "lightning_mlmc.operators",
     "operator_from_config": "lightning_mlmc.operators",
     "posterior_summary": "lightning_mlmc.posterior",
+    "PretrainedEps": "lightning_mlmc.pretrained",
+    "load_pretrained": "lightning_mlmc.pretrained",
+    "MLMCPosterior": "lightning_mlmc.deepinv_bridge",
+    "operator_from_physics": "lightning_mlmc.deepinv_bridge",
 }
 
 

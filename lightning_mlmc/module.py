@@ -83,7 +83,9 @@ def load_exported(folder: str) -> ScoreModel:
 
     meta_path = os.path.join(folder, EXPORT_CONFIG)
     if not os.path.isfile(meta_path):
-        raise InputError(f"checkpoint: {folder!r} is not an exported lightning-mlmc model ({EXPORT_CONFIG} missing)")
+        raise InputError(f"checkpoint: {folder!r} is not an exported lightning-mlmc model ({EXPORT_CONFIG} missing) "
+                         "nor a diffusers DDPM folder (model_index.json, or a UNet2DModel config.json with a "
+                         "scheduler_config.json beside it)")
     try:
         with open(meta_path) as f:
             meta = json.load(f)
@@ -258,8 +260,14 @@ def load_score_module(path: str, map_location="cpu", allow_pickle: bool = False)
     return module.eval()
 
 
-def load_score_model(path: str, allow_pickle: bool = False) -> ScoreModel:
-    """A ``ScoreModel`` from a Lightning checkpoint file or an exported diffusers folder."""
+def load_score_model(path: str, allow_pickle: bool = False, noise_std: float | None = None):
+    """A ``ScoreModel`` from a Lightning checkpoint file or an exported diffusers folder; or, for a diffusers
+    DDPM folder (``DDPMPipeline.save_pretrained``), a ``pretrained.PretrainedEps`` for denoising with
+    observation noise ``noise_std``."""
     if os.path.isdir(path):
+        from lightning_mlmc.pretrained import find_layout, load_pretrained
+
+        if not os.path.isfile(os.path.join(path, EXPORT_CONFIG)) and find_layout(path) is not None:
+            return load_pretrained(path, noise_std=noise_std)
         return load_exported(path)
     return load_score_module(path, allow_pickle=allow_pickle).model

@@ -111,7 +111,8 @@ class Operator(abc.ABC):
         return {"name": self.name, "shape": list(self.shape), "noise_std": self.noise_std, **self._params()}
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k not in ("name", "matrix", "mask"))
+        hidden = ("name", "matrix", "mask", "observed_mask")
+        args = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k not in hidden)
         return f"{type(self).__name__}({args})"
 
 
@@ -191,16 +192,17 @@ class Denoising(Operator):
 class Inpainting(Operator):
     """A = restriction to the observed pixels, kept in image shape (zeros where missing).
 
-    The mask is either a box of missing pixels (``box = [top, left, height, width]``) or a fixed random
-    set of missing pixels (``missing_fraction`` of them, drawn once from ``mask_seed``; shared by all
-    channels). Conditioning = [y, mask] (C + 1 channels).
+    The mask is either a box of missing pixels (``box = [top, left, height, width]``), a fixed random
+    set of missing pixels (``missing_fraction`` of them, drawn once from ``mask_seed``), or ``given`` as an
+    H x W array of 0 (missing) and 1 (observed) in ``observed_mask``; shared by all channels.
+    Conditioning = [y, mask] (C + 1 channels).
     """
 
     name = "inpaint"
 
-    def __init__(self, shape: Sequence[int], mask: Literal["box", "random"] = "box",
+    def __init__(self, shape: Sequence[int], mask: Literal["box", "random", "given"] = "box",
                  box: Sequence[int] | None = None, missing_fraction: float = 0.5, mask_seed: int = 0,
-                 noise_std: float = 0.0):
+                 noise_std: float = 0.0, observed_mask=None):
         super().__init__(shape, noise_std)
         if len(self.shape) != 3:
             raise InputError(f"shape: inpainting needs images (C, H, W), got {list(self.shape)}")
@@ -220,8 +222,14 @@ class Inpainting(Operator):
             missing = torch.randperm(h * w, generator=g)[: max(1, round(float(missing_fraction) * h * w))]
             observed.view(-1)[missing] = 0.0
             self.box = None
+        elif mask == "given":
+            given = torch.as_tensor(np.asarray(observed_mask if observed_mask is not None else [], dtype=np.float32))
+            if tuple(given.shape) != (h, w) or not bool(((given == 0) | (given == 1)).all()):
+                raise InputError(f"observed_mask: expected a {h}x{w} array of 0 (missing) and 1 (observed), "
+                                 f"got shape {list(given.shape)}")
+            observed, self.box = given.clone(), None
         else:
-            raise InputError(f"mask: expected box or random, got {mask!r}")
+            raise InputError(f"mask: expected box, random or given, got {mask!r}")
         self.mask_kind, self.missing_fraction, self.mask_seed = mask, float(missing_fraction), int(mask_seed)
         self.observed = observed  # (H, W), 1 = observed
 
@@ -247,8 +255,11 @@ class Inpainting(Operator):
         return torch.cat([y, self.mask_like(y)], dim=1)
 
     def _params(self):
-        return {"mask": self.mask_kind, "box": self.box, "missing_fraction": self.missing_fraction,
-                "mask_seed": self.mask_seed}
+        params = {"mask": self.mask_kind, "box": self.box, "missing_fraction": self.missing_fraction,
+                  "mask_seed": self.mask_seed}
+        if self.mask_kind == "given":
+            params["observed_mask"] = self.observed.tolist()
+        return params
 
 
 class DenseMatrix(Operator):
@@ -296,7 +307,7 @@ def operator_from_config(config: dict) -> Operator:
     name = params.pop("name")
     if name not in OPERATORS:
         raise InputError(f"operator: unknown operator {name!r}; expected one of {', '.join(OPERATORS)}")
-    if name == "inpaint" and params.get("mask") == "random":
+    if name == "inpaint" and params.get("mask") in ("random", "given"):
         params.pop("box", None)
     try:
         return OPERATORS[name](**params)

@@ -107,13 +107,19 @@ def write_json(path: str, data: dict) -> None:
 def add_problem_args(p: argparse.ArgumentParser, grid_default: str | None = "logsnr") -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--problem", help="analytic problem spec (JSON): exact score")
-    src.add_argument("--checkpoint", help="trained model: a Lightning .ckpt or an exported model folder")
+    src.add_argument("--checkpoint", help="trained model: a Lightning .ckpt, an exported model folder, or a diffusers "
+                                          "DDPM folder (DDPMPipeline.save_pretrained; then --operator and --noise-std)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="with --checkpoint: also load checkpoints that need full unpickling (can run code)")
-    p.add_argument("--observation", help="with --checkpoint: y as .npy, or .npz with key 'y' "
-                                          "(observation shape, optionally with a leading 1)")
-    p.add_argument("--start", choices=["gaussian", "observation", "masked"], default="gaussian",
-                   help="start distribution p_T(x | y)")
+    p.add_argument("--observation", help="with --checkpoint: y as .npy, .npz with key 'y' (observation shape, "
+                                          "optionally with a leading 1), or a PNG (scaled [0, 255] -> [-1, 1])")
+    p.add_argument("--resize", action="store_true",
+                   help="resize a PNG observation of another size to the model's (bicubic)")
+    p.add_argument("--operator", help="with a diffusers --checkpoint: the inverse problem (denoise)")
+    p.add_argument("--noise-std", type=positive_float("noise-std"), default=None,
+                   help="with a diffusers --checkpoint: the observation noise std")
+    p.add_argument("--start", choices=["gaussian", "observation", "masked"], default=None,
+                   help="start distribution p_T(x | y) (default: observation for a diffusers model, else gaussian)")
     p.add_argument("--grid", choices=["uniform", "polynomial", "logsnr", "edm"], default=grid_default,
                    help="time-grid family (default log-SNR, which measures best; uniform is the seed's)")
     p.add_argument("--rho", type=positive_float("rho"), default=None,
@@ -159,13 +165,22 @@ def _start(name, noise_std, dtype, what, denoise_y=None, inpaint_y=None, observe
     return masked_start(inpaint_y.to(dtype), observed.to(dtype))
 
 
-def load_observation(path: str, operator):
-    """y from a .npy file or an .npz file's 'y', checked against the operator's observation shape."""
+def load_observation(path: str, operator, resize: bool = False):
+    """y from a .npy file, an .npz file's 'y' or a PNG (``images.read_png``), checked against the operator's
+    observation shape."""
     import numpy as np
     import torch
 
     if not os.path.isfile(path):
         raise InputError(f"observation: no such file {path!r}")
+    from lightning_mlmc.images import is_png, read_png
+
+    if is_png(path):
+        y, note = read_png(path, tuple(operator.observation_shape), resize=resize)
+        print(f"observation {path}: {note}", flush=True)
+        return y[None]
+    if resize:
+        raise InputError(f"resize: only for a PNG --observation, not {path!r}")
     try:
         data = np.load(path, allow_pickle=False)
         y = data["y"] if isinstance(data, np.lib.npyio.NpzFile) else data
@@ -189,6 +204,21 @@ def load_target(args):
     import torch
 
     device = resolve_device(getattr(args, "device", "cpu"))
+    pretrained = bool(getattr(args, "checkpoint", None)) and _is_diffusers(args.checkpoint)
+    if not pretrained:
+        for field in ("operator", "noise_std"):
+            if getattr(args, field, None) is None:
+                continue
+            if getattr(args, "checkpoint", None):
+                raise InputError(f"checkpoint: {args.checkpoint!r} is not a diffusers DDPM folder (model_index.json, "
+                                 "or a UNet2DModel config.json with a scheduler_config.json beside it), which "
+                                 f"--{field.replace('_', '-')} is for; a lightning-mlmc model carries its own operator")
+            raise InputError(f"{field.replace('_', '-')}: only with a diffusers DDPM --checkpoint (an analytic spec "
+                             "carries its own operator)")
+    args.start = getattr(args, "start", None) or ("observation" if pretrained else "gaussian")
+    if pretrained:
+        model, y, shape, start, dtype = _load_pretrained_target(args)
+        return model.to(device), y.to(device), shape, start, dtype, device
     if getattr(args, "checkpoint", None):
         model, y, shape, start, dtype = _load_checkpoint_target(args)
         return model.to(device), y.to(device), shape, start, dtype, device
@@ -221,7 +251,7 @@ def _load_checkpoint_target(args):
         raise InputError("observation: --checkpoint needs --observation Y.npy (the y to condition on)")
     model = load_score_model(args.checkpoint, allow_pickle=getattr(args, "allow_pickle", False))
     op = model.operator
-    y = load_observation(args.observation, op)
+    y = load_observation(args.observation, op, resize=getattr(args, "resize", False))
     dtype = torch.float32
     kinds = {}
     if op.name == "denoise":
@@ -232,6 +262,43 @@ def _load_checkpoint_target(args):
     return model, y, tuple(op.shape), start, dtype
 
 
+def _is_diffusers(path: str) -> bool:
+    """Whether --checkpoint is a diffusers DDPM folder (this project's exports have no scheduler config)."""
+    if not os.path.isdir(path):
+        return False
+    from lightning_mlmc.pretrained import find_layout
+
+    return find_layout(path) is not None
+
+
+def _load_pretrained_target(args):
+    """An unconditional diffusers DDPM for denoising from the observation start (``pretrained.py``)."""
+    import torch
+
+    from lightning_mlmc.pretrained import load_pretrained
+
+    if args.operator is None:
+        raise InputError("operator: a diffusers model is unconditional; give the problem it solves with "
+                         "--operator denoise --noise-std S")
+    if not args.observation:
+        raise InputError("observation: --checkpoint needs --observation Y (.npy, .npz or .png)")
+    if args.start != "observation":
+        raise InputError(f"start: an unconditional diffusers model sees y only through the observation start, "
+                         f"not {args.start!r} (drop --start or pass --start observation)")
+    model = load_pretrained(args.checkpoint, operator=args.operator, noise_std=args.noise_std)
+    op = model.operator
+    y = load_observation(args.observation, op, resize=getattr(args, "resize", False))
+    start = _start("observation", op.noise_std, torch.float32, "a diffusers model", denoise_y=y[0])
+    if start.t > model.t_max:
+        raise InputError(f"noise-std: {op.noise_std} starts at t = {start.t:.4g}, beyond the model's largest noise "
+                         f"level (t = {model.t_max:.4g})")
+    return model, y, tuple(op.shape), start, torch.float32
+
+
 def problem_source(args) -> list[str]:
-    """The files that define the problem (absolute paths), for run fingerprints."""
-    return [os.path.abspath(p) for p in (args.problem, args.checkpoint, args.observation) if p]
+    """The files that define the problem (absolute paths), for run fingerprints; for a diffusers model also its
+    operator and noise std (options, not files, define its likelihood)."""
+    source = [os.path.abspath(p) for p in (args.problem, args.checkpoint, args.observation) if p]
+    if getattr(args, "operator", None) is not None:
+        source.append(f"operator={args.operator} noise_std={getattr(args, 'noise_std', None)!r}")
+    return source

@@ -12,6 +12,7 @@ from lightning_mlmc.cli.common import (
     problem_source,
     write_json,
 )
+from lightning_mlmc.cli.save_images import add_save_images_arg, check_save_images, write_images
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 
 # The choices repeat MLMCConfig's Literal fields: importing it here would load torch to parse arguments.
@@ -24,6 +25,7 @@ def add_commands(sub) -> None:
     _add_config_args(p)
     p.add_argument("--eps", type=positive_float("eps"), required=True)
     p.add_argument("--state", help="resumable per-level sums (JSON); a rerun with the same arguments continues")
+    add_save_images_arg(p)
     p.set_defaults(func=cmd_mlmc)
 
     p = sub.add_parser("mlmc-test", help="Giles' convergence and complexity tables")
@@ -81,6 +83,7 @@ def config_from_args(args):
 
 def _levels(config, args):
     model, y, shape, start, dtype, device = load_target(args)
+    check_save_images(getattr(args, "save_images", None), shape, payoff=config.payoff)
     return config.level_sampler(model, y, shape, start=start, dtype=dtype, device=device)
 
 
@@ -103,6 +106,10 @@ def cmd_mlmc(args) -> int:
         if rank() == 0:  # every rank holds the same reduced estimate; one writes it
             data = result.to_json()
             write_json(args.out, data)
+            if args.save_images:
+                from lightning_mlmc.images import mlmc_pngs
+
+                write_images(args.save_images, mlmc_pngs(levels.shape, config.payoff, data["estimate"]))
             if args.plots:
                 plot_levels(result.levels, args.plots, M=config.M)
             print(summary_line(result, args.out), flush=True)

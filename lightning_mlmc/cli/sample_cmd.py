@@ -14,6 +14,7 @@ from lightning_mlmc.cli.common import (
     positive_float,
     positive_int,
 )
+from lightning_mlmc.cli.save_images import add_save_images_arg, check_save_images, write_images
 from lightning_mlmc.errors import InputError
 
 
@@ -28,6 +29,7 @@ def add_command(sub) -> None:
     p.add_argument("--anderson", type=nonneg_int("anderson"), default=0, help="Anderson memory (0: off)")
     p.add_argument("--max-rounds", type=positive_int("max-rounds"), default=None)
     p.add_argument("--out", required=True)
+    add_save_images_arg(p)
     p.set_defaults(func=cmd_sample)
 
 
@@ -43,6 +45,7 @@ def cmd_sample(args) -> int:
             raise InputError(f"tol: expected a positive number, got {args.tol}")
     check_out(args.out)
     model, y, shape, start, dtype, device = load_target(args)
+    check_save_images(args.save_images, shape)
     noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype, device=device)
     grid = make_grid(args)
     if not args.sampler.startswith("picard-"):
@@ -71,6 +74,10 @@ def cmd_sample(args) -> int:
             np.savez(f, samples=samples, stats=np.array(json.dumps(stats)))
 
     atomic_write(args.out, w)
+    if args.save_images:
+        from lightning_mlmc.images import sample_pngs
+
+        write_images(args.save_images, sample_pngs(shape, samples))
     print(f"wrote {samples.shape[0]} samples to {args.out} "
           f"(rounds {out.rounds}, nfe {out.nfe}, {out.wall_seconds:.2f} s)")
     return 0
