@@ -17,6 +17,7 @@ from tests.pretrained_cases import digits, trained_pipeline
 from lightning_mlmc.cli import main
 from lightning_mlmc.module import load_score_model
 from lightning_mlmc.pretrained import PretrainedEps, load_pretrained
+from lightning_mlmc.schedule import TimeGrid
 from lightning_mlmc.sampling import NoiseSource, observation_start, sample
 
 NOISE = 0.2
@@ -63,7 +64,8 @@ def test_sample_on_a_saved_pipeline_is_the_library_sampler_from_the_observation_
     model = load_pretrained(str(folder), "denoise", NOISE)
     y = torch.as_tensor(np.load(obs))
     start = observation_start(y, NOISE)
-    ref = sample(model, y[None], NoiseSource(0, (4, 1, 8, 8), dtype=torch.float32), steps=20, start=start)
+    ref = sample(model, y[None], NoiseSource(0, (4, 1, 8, 8), dtype=torch.float32), steps=20, start=start,
+                 grid=TimeGrid("logsnr"))  # the command line's default grid
     np.testing.assert_allclose(z["samples"], ref.samples.reshape(4, -1).double().numpy(), rtol=0, atol=1e-6)
     # The posterior samples stay near y (noise 0.2): the model denoises rather than drawing arbitrary digits.
     assert float(np.abs(z["samples"].mean(0) - y.reshape(-1).numpy()).mean()) < 0.3
@@ -77,7 +79,7 @@ def test_mlmc_and_mlmc_test_on_a_saved_pipeline(ddpm, tmp_path):
     r = json.load(open(out))
     assert len(r["estimate"]) == 64 and np.isfinite(r["estimate"]).all() and r["nfe"] > 0
     out = tmp_path / "t.json"
-    assert main(["mlmc-test", *base, "--levels", "2", "--samples", "16", "--out", str(out)]) == 0
+    assert main(["mlmc-test", *base, "--levels", "2", "--samples", "16", "--lmin", "0", "--out", str(out)]) == 0
     assert len(json.load(open(out))["rows"]) == 3
 
 
