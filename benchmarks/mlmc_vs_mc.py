@@ -116,9 +116,9 @@ def main(argv=None) -> int:
     args.checkpoint, args.observation = trained_model_paths("superres")
     torch.set_num_threads(os.cpu_count() or 1)
     out = {"machine": machine_info(), "schemes": {k: SCHEMES[k].to_json() for k in args.schemes}, "rows": []}
-    if os.path.exists(args.out):  # keep what other problems measured before
+    if os.path.exists(args.out):  # keep what other problems measured (rows of an older format are dropped)
         old = json.load(open(args.out))
-        out["rows"] = [r for r in old.get("rows", []) if r.get("problem_key") not in args.problems]
+        out["rows"] = [r for r in old.get("rows", []) if r.get("problem_key", args.problems[0]) not in args.problems]
         if "digits_reference" in old:
             out["digits_reference"] = old["digits_reference"]
     for problem in args.problems:
