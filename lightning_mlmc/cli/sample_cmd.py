@@ -25,7 +25,10 @@ def add_command(sub) -> None:
     p.add_argument("--num-samples", type=positive_int("num-samples"), required=True)
     p.add_argument("--window", type=positive_int("window"), default=None, help="Picard window p")
     p.add_argument("--tol", type=positive_float("tol"), default=1e-3, help="Picard tolerance")
-    p.add_argument("--anderson", type=nonneg_int("anderson"), default=0, help="Anderson memory (0: off)")
+    p.add_argument("--anderson", type=nonneg_int("anderson"), default=2,
+                   help="triangular Anderson memory (ParaTAA; 0: plain Picard; default 2, the measured best)")
+    p.add_argument("--slide", choices=["paradigms", "prefix"], default="paradigms",
+                   help="window slide rule: paradigms (by the first unconverged step + 1, the default) or prefix")
     p.add_argument("--max-rounds", type=positive_int("max-rounds"), default=None)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_sample)
@@ -52,7 +55,7 @@ def cmd_sample(args) -> int:
 
         out = picard_sample(
             model, y, noise, steps=args.steps, sampler=args.sampler.removeprefix("picard-"),
-            window=args.window, tol=args.tol, anderson=args.anderson, max_rounds=args.max_rounds,
+            window=args.window, tol=args.tol, anderson=args.anderson, slide=args.slide, max_rounds=args.max_rounds,
             start=start, grid=grid,
         )
     stats = {"rounds": out.rounds, "nfe": out.nfe, "steps": out.steps, "wall_seconds": out.wall_seconds,
