@@ -62,10 +62,13 @@ class GaussianOracle:
         return GaussianLaw(mean, torch.diag(std**2))
 
     def law(self, steps: int, sampler: str = "ddpm", grid: TimeGrid | None = None,
-            start: StartDistribution | None = None) -> GaussianLaw:
-        """Exact law of the sampler's output after ``steps`` steps."""
+            start: StartDistribution | None = None, times: Tensor | None = None) -> GaussianLaw:
+        """Exact law of the sampler's output after ``steps`` steps (on ``times`` when given, e.g. PIADM's grid)."""
         start = start or gaussian_start()
-        times = (grid or TimeGrid()).times(steps, start.t, self.schedule)
+        if times is None:
+            times = (grid or TimeGrid()).times(steps, start.t, self.schedule)
+        elif len(times) != steps + 1:
+            raise InputError(f"times: expected {steps + 1} times for {steps} steps, got {len(times)}")
         coef = step_coefficients(times, sampler == "ddpm", self.schedule)
         law = self._start(start)
         mean, cov = law.mean, law.cov

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from lightning_mlmc.errors import InputError
-from lightning_mlmc.sampling import NoiseSource, Streams, call_model
+from lightning_mlmc.sampling import NoiseSource, Streams, batch_obs, call_model
 
 Tensor = torch.Tensor
 
@@ -119,6 +119,7 @@ def run_corrector(model, y, x: Tensor, t: float, sigma: float, plan: CorrectorPl
     c = uld_coefficients(plan.gamma, plan.h)
     v = noise.draw(0).to(x.dtype)
     batch = x.shape[0]
+    y = batch_obs(y, batch)
     k0 = 0
     for size in plan.block_sizes():
         z1 = torch.stack([noise.draw(2 * (k0 + i) + 1) for i in range(size)]).to(x.dtype)
