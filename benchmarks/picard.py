@@ -1,7 +1,7 @@
 """Picard-parallel sampling against the sequential sampler: rounds, NFEs, deviation, wall time.
 
     python -m benchmarks.picard                         # all three parts (analytic, PIADM curves, digits)
-    python -m benchmarks.picard --parts analytic        # or piadm, digits; several may be given
+    python -m benchmarks.picard --parts analytic        # or piadm, solvers, digits; several may be given
 
 analytic -> benchmarks/results/picard.json: the exact score of examples/inpaint4x4.json (a two-component
   mixture posterior), 64 samples. (1) The grid: DDPM and DDIM, 100 and 1000 steps, windows 16/64/256,
@@ -13,6 +13,8 @@ piadm -> benchmarks/results/picard_piadm.json: error against the exact posterior
   single-Gaussian gaussian_inpaint(4, 4) problem, every error exact (the output of a fixed-schedule sampler is
   affine in its draws: ``gaussian_oracle.affine_law``): the sequential DDPM and DDIM on uniform and log-SNR
   grids, PIADM-SDE and PIADM-ODE (with and without the corrector) on log-SNR and OU blocks.
+solvers -> benchmarks/results/picard_solvers.json: DPM-Solver++(2M) against DDIM, weak order on the exact
+  oracle and Picard over either (benchmarks/picard_solvers.py).
 digits -> benchmarks/results/picard_digits.json: the trained digits super-resolution UNet (`make demo`'s
   checkpoint, first validation observation, float32): 1000-step DDPM window 256 (4 samples, seeds 0-1) and
   100-step DDIM window 64 (8 samples, seeds 0-4), tol 0.1, plain Picard against Anderson m = 2, both slide rules.
@@ -127,8 +129,8 @@ def write(path: str, payload: dict, device) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--parts", nargs="+", choices=["analytic", "piadm", "digits"],
-                    default=["analytic", "piadm", "digits"])
+    ap.add_argument("--parts", nargs="+", choices=["analytic", "piadm", "digits", "solvers"],
+                    default=["analytic", "piadm", "digits", "solvers"])
     ap.add_argument("--samples", type=int, default=64, help="samples per run on the analytic problems")
     ap.add_argument("--checkpoint", default=os.path.join(ROOT, "runs", "digits_superres", "checkpoints", "last.ckpt"),
                     help="trained digits model (`make demo` writes it); the digits part is skipped when missing")
@@ -147,6 +149,10 @@ def main():
         from benchmarks.picard_piadm import run_piadm
 
         write(out("picard_piadm"), run_piadm(), device)
+    if "solvers" in args.parts:
+        from benchmarks.picard_solvers import run_solvers
+
+        write(out("picard_solvers"), run_solvers(), device)
     if "digits" in args.parts:
         if os.path.isfile(args.checkpoint):
             write(out("picard_digits"), run_digits(args, device), device)

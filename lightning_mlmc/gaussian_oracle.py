@@ -78,6 +78,20 @@ class GaussianOracle:
             cov = f @ cov @ f.T + c * c * self.eye
         return GaussianLaw(mean, 0.5 * (cov + cov.T))
 
+    def flow_law(self, start: StartDistribution | None = None) -> GaussianLaw:
+        """Exact law of the probability-flow ODE's map from the start time to 0 applied to the start law: the
+        flow of a Gaussian is x_0 = mu + Sigma_0^(1/2) Sigma_T^(-1/2) (x_T - m_T mu) with Sigma_t = m_t^2 C +
+        sigma_t^2 I (all commuting), so every deterministic solver converges to this law as its steps shrink;
+        its distance to the posterior is the error of the start distribution alone."""
+        start = start or gaussian_start()
+        law = self._start(start)
+        m, s2 = float(self.schedule.mean(start.t)), float(self.schedule.sigma2(start.t))
+        lam, u = torch.linalg.eigh(self.cov)
+        a = u @ torch.diag((lam / (m * m * lam + s2)).sqrt()) @ u.T
+        mean = self.mu + a @ (law.mean - m * self.mu)
+        cov = a @ law.cov @ a.T
+        return GaussianLaw(mean, 0.5 * (cov + cov.T))
+
     def level_moments(self, level: int, M: int = 2, sampler: str = "ddpm", coupling: str = "weighted",
                       payoff: str = "second_moment", grid: TimeGrid | None = None, data_std: float = 0.5,
                       start: StartDistribution | None = None, single: bool = False):

@@ -20,7 +20,9 @@ from lightning_mlmc.errors import InputError
 def add_command(sub) -> None:
     p = sub.add_parser("sample", help="draw posterior samples")
     add_problem_args(p)
-    p.add_argument("--sampler", required=True, choices=["ddpm", "ddim", "picard-ddpm", "picard-ddim"])
+    p.add_argument("--sampler", required=True,
+                   choices=["ddpm", "ddim", "dpm2m", "picard-ddpm", "picard-ddim", "picard-dpm2m"],
+                   help="dpm2m: DPM-Solver++(2M), the second-order multistep solver of the probability-flow ODE")
     p.add_argument("--steps", type=positive_int("steps"), required=True)
     p.add_argument("--num-samples", type=positive_int("num-samples"), required=True)
     p.add_argument("--window", type=positive_int("window"), default=None, help="Picard window p")
@@ -48,7 +50,11 @@ def cmd_sample(args) -> int:
     model, y, shape, start, dtype, device = load_target(args)
     noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype, device=device)
     grid = make_grid(args)
-    if not args.sampler.startswith("picard-"):
+    if args.sampler == "dpm2m":
+        from lightning_mlmc.solvers import sample_dpm2m
+
+        out = sample_dpm2m(model, y, noise, steps=args.steps, start=start, grid=grid)
+    elif not args.sampler.startswith("picard-"):
         out = sample(model, y, noise, steps=args.steps, sampler=args.sampler, start=start, grid=grid)
     else:
         from lightning_mlmc.picard import picard_sample

@@ -38,14 +38,21 @@ from lightning_mlmc.sampling import (
     batch_obs,
     call_model,
     check_finite,
-    check_sampler,
     gaussian_start,
     grid_times,
 )
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
+from lightning_mlmc.solvers import (
+    MULTISTEP_SAMPLERS,
+    MultistepCoefficients,
+    dpm2m_coefficients,
+    dpm2m_increment,
+    x0_prediction,
+)
 
 Tensor = torch.Tensor
 SlideRule = Literal["paradigms", "prefix"]
+PICARD_SAMPLERS = ("ddpm", "ddim", *MULTISTEP_SAMPLERS)
 SLIDE_RULES = ("paradigms", "prefix")
 
 
@@ -60,7 +67,8 @@ class Trajectory:
         nfe, rounds: network evaluations per sample and sequential batched calls so far.
     """
 
-    def __init__(self, model, y, noise: NoiseSource, times: Tensor, stochastic: bool, start, schedule):
+    def __init__(self, model, y, noise: NoiseSource, times: Tensor, stochastic: bool, start, schedule,
+                 multistep: MultistepCoefficients | None = None):
         self.model, self.coef = model, step_coefficients(times, stochastic, schedule)
         self.n = len(self.coef)
         x0 = start.sample(noise.start())
@@ -80,6 +88,11 @@ class Trajectory:
         dev = x0.device
         self.t, self.a_minus_1, self.c_eps = (c.to(dev) for c in (self.coef.t, self.coef.a_minus_1, self.coef.eps))
         self.scale = std.clamp_min(1e-12).to(dev)
+        # DPM-Solver++(2M): its coefficients, and x0_hat of every point at its latest evaluation (step j of a
+        # window needs x0_hat at x_{j-1}, evaluated in an earlier round).
+        self.ms = None if multistep is None else {k: getattr(multistep, k).to(dev) for k in
+                                                  ("mean_t", "sigma_t", "a_minus_1", "c_cur", "c_prev")}
+        self.x0 = None if multistep is None else torch.zeros_like(self.traj[:-1])
         self.nfe = 0
         self.rounds = 0
 
@@ -97,8 +110,14 @@ class Trajectory:
 
     def increments(self, j: int, end: int, xs: Tensor, eps: Tensor) -> Tensor:
         """The increments of steps j..end-1 at the states ``xs`` (end-j, B, ...) with network outputs ``eps``."""
-        return step_increment(xs, eps, self.a_minus_1[j:end], self.c_eps[j:end],
-                              None if self.noise is None else self.noise[j:end])
+        if self.ms is None:
+            return step_increment(xs, eps, self.a_minus_1[j:end], self.c_eps[j:end],
+                                  None if self.noise is None else self.noise[j:end])
+        c = {k: v[j:end] for k, v in self.ms.items()}
+        x0 = x0_prediction(xs, eps, c["mean_t"], c["sigma_t"])
+        x0_prev = torch.cat([self.x0[j - 1 : j] if j > 0 else torch.zeros_like(x0[:1]), x0[:-1]])
+        self.x0[j:end] = x0
+        return dpm2m_increment(xs, x0, x0_prev, c["a_minus_1"], c["c_cur"], c["c_prev"])
 
     def errors(self, new: Tensor, j: int) -> Tensor:
         """Per-step max-over-samples RMS change of x_{j+1..}, in units of each step's noise std."""
@@ -152,7 +171,9 @@ def picard_sample(
         model: eps-predictor ``model(x_t, y, t)``.
         y: observation (leading batch dim 1 or B).
         noise: the same ``NoiseSource`` the sequential sampler would use; its draws have shape (B, ...).
-        steps: grid steps n (or ``times``, the grid as data, as in ``sample``); sampler: ``"ddpm"`` or ``"ddim"``.
+        steps: grid steps n (or ``times``, the grid as data, as in ``sample``); sampler: ``"ddpm"``, ``"ddim"`` or
+            ``"dpm2m"`` (DPM-Solver++(2M), ``lightning_mlmc.solvers``; step j takes x0_hat at x_{j-1} from the
+            round that last evaluated it).
         window: window size p (1 reproduces the sequential sampler exactly).
         tol: convergence tolerance relative to each step's noise std.
         anderson: Anderson memory m (0 = plain Picard; 2 by default, the measured best).
@@ -164,7 +185,8 @@ def picard_sample(
         ``SampleOutput`` with samples (B, ...), rounds (sequential batched calls), nfe (sum of window sizes)
         and ``stats["residuals"]``: the per-round max error of the window, in units of tol.
     """
-    check_sampler(sampler)
+    if sampler not in PICARD_SAMPLERS:
+        raise InputError(f"sampler: unknown sampler {sampler!r}; expected ddpm, ddim or dpm2m")
     check_picard_args(window, tol, anderson, slide)
     schedule = schedule or VPSchedule()
     start = start or gaussian_start()
@@ -172,7 +194,8 @@ def picard_sample(
     steps = len(times) - 1
     max_rounds = max_rounds or 2 * steps
     tic = time.perf_counter()
-    w = Trajectory(model, y, noise, times, sampler == "ddpm", start, schedule)
+    multistep = dpm2m_coefficients(times, schedule) if sampler == "dpm2m" else None
+    w = Trajectory(model, y, noise, times, sampler == "ddpm", start, schedule, multistep)
     acc = TriangularAnderson(anderson) if anderson > 0 else None
     residuals = []
     j, filled = 0, 0  # x_0..x_j are final; x_0..x_filled hold iterates
