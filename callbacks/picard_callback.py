@@ -12,7 +12,7 @@ from typing_extensions import override
 import callbacks.uq_logging as uq_logging
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.figures import residual_plot
-from lightning_mlmc.picard import picard_sample
+from lightning_mlmc.picard import SLIDE_RULES, picard_sample
 from lightning_mlmc.sampling import NoiseSource, check_sampler, sample
 
 
@@ -26,13 +26,14 @@ class PicardCallback(uq_logging.ValidationUQCallback):
 
     Args:
         steps: sampler steps; window: Picard window (>= 1); tol: tolerance (> 0, in units of each step's
-        DDPM noise std); anderson: Anderson memory (0 = plain Picard); sampler: ddpm or ddim;
+        DDPM noise std); anderson: triangular Anderson memory (0 = plain Picard; 2, the measured best, by
+        default); slide: the window's slide rule (``paradigms``, the default, or ``prefix``); sampler: ddpm or ddim;
         observations, samples_per_observation: batch; every_n_epochs: cadence (and once at the end of fit).
     """
 
-    def __init__(self, steps: int = 100, window: int = 32, tol: float = 0.1, anderson: int = 0,
-                 sampler: Literal["ddpm", "ddim"] = "ddpm", observations: int = 2, samples_per_observation: int = 4,
-                 every_n_epochs: int = 1, seed: int = 0):
+    def __init__(self, steps: int = 100, window: int = 32, tol: float = 0.1, anderson: int = 2,
+                 slide: Literal["paradigms", "prefix"] = "paradigms", sampler: Literal["ddpm", "ddim"] = "ddpm",
+                 observations: int = 2, samples_per_observation: int = 4, every_n_epochs: int = 1, seed: int = 0):
         if steps < 1:
             raise InputError(f"steps: expected >= 1, got {steps}")
         if window < 1:
@@ -41,12 +42,15 @@ class PicardCallback(uq_logging.ValidationUQCallback):
             raise InputError(f"tol: expected a positive number, got {tol}")
         if anderson < 0:
             raise InputError(f"anderson: expected >= 0, got {anderson}")
+        if slide not in SLIDE_RULES:
+            raise InputError(f"slide: unknown rule {slide!r}; expected paradigms or prefix")
         check_sampler(sampler)
         if observations < 1 or samples_per_observation < 1:
             raise InputError("observations/samples_per_observation: expected at least 1 of each")
         if every_n_epochs < 1:
             raise InputError(f"every_n_epochs: expected >= 1, got {every_n_epochs}")
         self.steps, self.window, self.tol, self.anderson = int(steps), int(window), float(tol), int(anderson)
+        self.slide = slide
         self.sampler, self.observations, self.samples = sampler, int(observations), int(samples_per_observation)
         self.every_n_epochs, self.seed = int(every_n_epochs), int(seed)
 
@@ -64,7 +68,7 @@ class PicardCallback(uq_logging.ValidationUQCallback):
                 noise = lambda: NoiseSource(self.seed, shape, dtype=torch.float32, device=pl_module.device)  # noqa: E731
                 seq = sample(pl_module.model, y, noise(), steps=self.steps, sampler=self.sampler)
                 par = picard_sample(pl_module.model, y, noise(), steps=self.steps, sampler=self.sampler,
-                                    window=self.window, tol=self.tol, anderson=self.anderson)
+                                    window=self.window, tol=self.tol, anderson=self.anderson, slide=self.slide)
         finally:
             pl_module.train(was_training)
         scalars = {

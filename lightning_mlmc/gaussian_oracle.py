@@ -9,6 +9,7 @@ which gives the exact E[P_l - P_{l-1}] and V_l under every coupling, with no sam
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,7 +18,7 @@ from lightning_mlmc.diffusion import step_coefficients
 from lightning_mlmc.mlmc.coupling import coarse_noise_weights
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.problems import AnalyticSpec, exact_posterior
-from lightning_mlmc.sampling import StartDistribution, gaussian_start
+from lightning_mlmc.sampling import NoiseSource, StartDistribution, gaussian_start
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
 Tensor = torch.Tensor
@@ -61,10 +62,13 @@ class GaussianOracle:
         return GaussianLaw(mean, torch.diag(std**2))
 
     def law(self, steps: int, sampler: str = "ddpm", grid: TimeGrid | None = None,
-            start: StartDistribution | None = None) -> GaussianLaw:
-        """Exact law of the sampler's output after ``steps`` steps."""
+            start: StartDistribution | None = None, times: Tensor | None = None) -> GaussianLaw:
+        """Exact law of the sampler's output after ``steps`` steps (on ``times`` when given, e.g. PIADM's grid)."""
         start = start or gaussian_start()
-        times = (grid or TimeGrid()).times(steps, start.t, self.schedule)
+        if times is None:
+            times = (grid or TimeGrid()).times(steps, start.t, self.schedule)
+        elif len(times) != steps + 1:
+            raise InputError(f"times: expected {steps + 1} times for {steps} steps, got {len(times)}")
         coef = step_coefficients(times, sampler == "ddpm", self.schedule)
         law = self._start(start)
         mean, cov = law.mean, law.cov
@@ -72,6 +76,20 @@ class GaussianOracle:
             f, g, c = self.affine_step(coef, k)
             mean = f @ mean + g
             cov = f @ cov @ f.T + c * c * self.eye
+        return GaussianLaw(mean, 0.5 * (cov + cov.T))
+
+    def flow_law(self, start: StartDistribution | None = None) -> GaussianLaw:
+        """Exact law of the probability-flow ODE's map from the start time to 0 applied to the start law: the
+        flow of a Gaussian is x_0 = mu + Sigma_0^(1/2) Sigma_T^(-1/2) (x_T - m_T mu) with Sigma_t = m_t^2 C +
+        sigma_t^2 I (all commuting), so every deterministic solver converges to this law as its steps shrink;
+        its distance to the posterior is the error of the start distribution alone."""
+        start = start or gaussian_start()
+        law = self._start(start)
+        m, s2 = float(self.schedule.mean(start.t)), float(self.schedule.sigma2(start.t))
+        lam, u = torch.linalg.eigh(self.cov)
+        a = u @ torch.diag((lam / (m * m * lam + s2)).sqrt()) @ u.T
+        mean = self.mu + a @ (law.mean - m * self.mu)
+        cov = a @ law.cov @ a.T
         return GaussianLaw(mean, 0.5 * (cov + cov.T))
 
     def level_moments(self, level: int, M: int = 2, sampler: str = "ddpm", coupling: str = "weighted",
@@ -135,3 +153,51 @@ def _payoff_moments(mean: Tensor, var: Tensor, payoff: str):
     if payoff == "mean":
         return mean, var
     raise InputError(f"payoff: the oracle knows second_moment and mean, not {payoff!r}")
+
+
+class _KeyedNoise(NoiseSource):
+    """Noise for ``affine_law``: records the (stream, index) keys a sampler draws (``keys`` empty and growing,
+    batch 1, zero draws), or returns unit vectors (row 1 + k n + c of draw k is e_c; row 0 is zero)."""
+
+    def __init__(self, keys: list, event_shape, record: bool, stream=(), dtype=torch.float64, device="cpu"):
+        self.keys, self.record, self.event_shape = keys, record, tuple(event_shape)
+        self.dim = int(torch.Size(self.event_shape).numel())
+        rows = 1 if record else 1 + len(keys) * self.dim
+        super().__init__(0, (rows, *self.event_shape), stream, dtype, device)
+        self.pos = {key: i for i, key in enumerate(keys)}
+
+    def substream(self, *keys: int) -> "_KeyedNoise":
+        child = _KeyedNoise(self.keys, self.event_shape, self.record, (*self.stream, *keys), self.dtype, self.device)
+        child.pos = self.pos
+        return child
+
+    def draw(self, index: int) -> Tensor:
+        key = (self.stream, int(index))
+        out = torch.zeros(self.shape[0], self.dim, dtype=self.dtype)
+        if self.record:
+            if key not in self.pos:
+                self.pos[key] = len(self.keys)
+                self.keys.append(key)
+        else:
+            k = self.pos[key]
+            out[1 + k * self.dim + torch.arange(self.dim), torch.arange(self.dim)] = 1.0
+        return out.reshape(self.shape).to(self.device)
+
+
+def affine_law(run, event_shape) -> GaussianLaw:
+    """The exact law of a sampler's output that is affine in its standard normal draws.
+
+    With the exact score of a single-Gaussian problem every sampler here with a fixed schedule of network
+    calls (the sequential samplers, PIADM with its fixed sweeps and corrector) maps its draws z affinely,
+    x = A z + b, so x ~ N(b, A A^T) exactly. ``run(noise)`` must run the sampler with the given
+    ``NoiseSource`` and return its samples (B, *event_shape); it is called twice: once with batch 1 to
+    record which draws are used, then with one row per draw coordinate (row 0: all draws zero, giving b).
+    Not for adaptive schemes whose decisions depend on the batch (Picard windows with a tolerance).
+    """
+    keys: list = []
+    run(_KeyedNoise(keys, event_shape, record=True))
+    out = run(_KeyedNoise(keys, event_shape, record=False)).reshape(1 + len(keys) * math.prod(event_shape), -1)
+    out = out.to(torch.float64)
+    b, a = out[0], (out[1:] - out[0]).T  # a: (n, number of draw coordinates)
+    cov = a @ a.T
+    return GaussianLaw(b, 0.5 * (cov + cov.T))

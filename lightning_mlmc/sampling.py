@@ -41,7 +41,7 @@ class Streams:
 
     PROBE_BATCH = 2**31  # MLMC: a batch index no estimate uses (probing a level function's payoff size)
     PLAIN_MC = 10_000  # plain Monte Carlo on the MLMC engine: stream (PLAIN_MC + batch,)
-    CORRECTOR_DRAW = 10_000_000  # PIADM: the corrector's draws follow every step's, at index CORRECTOR_DRAW + block
+    CORRECTOR_DRAW = 10_000_000  # PIADM: the corrector of block b draws from the substream (CORRECTOR_DRAW, b)
 
 
 def derive_seed(*keys: int) -> int:
@@ -74,6 +74,10 @@ class NoiseSource:
         """The standard normal draw number ``index`` of this stream (0 is the start, k + 1 is step k)."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, *self.stream, index))
         return torch.randn(self.shape, generator=g, dtype=self.dtype).to(self.device)
+
+    def substream(self, *keys: int) -> "NoiseSource":
+        """An independent source on the stream extended by ``keys`` (e.g. PIADM's corrector of one block)."""
+        return NoiseSource(self.seed, self.shape, stream=(*self.stream, *keys), dtype=self.dtype, device=self.device)
 
     def start(self) -> Tensor:
         """The standard normal draw behind x_T."""

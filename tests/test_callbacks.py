@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 import pytorch_lightning as pl
-import torch
 from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
 from pytorch_lightning.loggers import CSVLogger, WandbLogger
 

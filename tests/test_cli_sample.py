@@ -41,6 +41,24 @@ def test_npz_contract(tmp_path, sampler):
     assert np.array_equal(np.load(out2)["samples"], z["samples"])
 
 
+@pytest.mark.parametrize("base, picard, options", [
+    ("ddpm", "picard-ddpm", ["--anderson", "0", "--slide", "prefix"]),
+    ("ddim", "picard-ddim", []),
+    ("dpm2m", "picard-dpm2m", ["--slide", "prefix"]),
+])
+def test_picard_samplers_match_their_sequential_twin(tmp_path, base, picard, options):
+    outs = {}
+    for sampler, extra in ((base, []), (picard, ["--window", "16", "--tol", "1e-6", *options])):
+        out = tmp_path / f"{sampler}.npz"
+        assert main(["sample", "--problem", SPEC, "--sampler", sampler, "--steps", "40", "--num-samples", "32",
+                     "--seed", "2", "--grid", "logsnr", "--out", str(out), *extra]) == 0
+        outs[sampler] = np.load(out)
+    a, b = outs[base]["samples"], outs[picard]["samples"]
+    assert np.abs(a - b).max() / np.abs(a).max() < 1e-5
+    stats = json.loads(str(outs[picard]["stats"]))
+    assert stats["rounds"] < 40 and stats["slide"] == (options[-1] if "--slide" in options else "paradigms")
+
+
 def test_image_problem_with_masked_start(tmp_path):
     out = tmp_path / "s.npz"
     rc = main(["sample", "--problem", os.path.join(EXAMPLES, "inpaint4x4.json"), "--sampler", "ddpm",
@@ -68,6 +86,10 @@ BAD = [
     ("unknown sampler", lambda tmp: ["--problem", SPEC, "--sampler", "euler"], "--sampler"),
     ("out folder missing", lambda tmp: ["--problem", SPEC, "--out", str(tmp / "no" / "x.npz")], "out:"),
     ("unknown device", lambda tmp: ["--problem", SPEC, "--device", "tpu"], "--device"),
+    ("unknown slide", lambda tmp: ["--problem", SPEC, "--sampler", "picard-ddpm", "--window", "4", "--slide", "greedy"],
+     "--slide"),
+    ("negative anderson", lambda tmp: ["--problem", SPEC, "--sampler", "picard-ddpm", "--window", "4", "--anderson",
+                                       "-1"], "anderson"),
     ("gpu not visible", lambda tmp: ["--problem", SPEC, "--device", "cuda:99"], "device: cuda:99"),
 ]
 
