@@ -124,6 +124,38 @@ def digits_table(d) -> str:
     return seeds_table(d, part="digits").replace("| problem |", "| model |")
 
 
+def weak_order_table(d) -> str:
+    """Weak order of DDIM and DPM-Solver++(2M): fitted slopes and the errors at a few step counts."""
+    weak = defaultdict(dict)
+    for r in d["rows"]:
+        if r["kind"] == "weak":
+            weak[(r["grid"], r["solver"])][r["steps"]] = r["err_flow_m2"]
+    slopes = {(r["grid"], r["solver"]): r["slope"] for r in d["rows"] if r["kind"] == "slope"}
+    shown = (16, 64, 256)
+    out = ["| grid | solver | slope (32..256 steps) | " + " | ".join(f"error at {n}" for n in shown) + " |",
+           "|---" * (3 + len(shown)) + "|"]
+    for key in sorted(weak):
+        errs = weak[key]
+        out.append(f"| {key[0]} | {key[1]} | {slopes[key]:.2f} | " + " | ".join(f"{errs[n]:.1e}" for n in shown) + " |")
+    return "\n".join(out)
+
+
+def solver_picard_table(d) -> str:
+    rows = [r for r in d["rows"] if r["kind"] == "picard"]
+    out = ["| solver | steps | window | tol | rounds: Picard / Anderson 2 | NFE: Picard / Anderson 2 | "
+           "dev/spread: Picard / Anderson 2 |", "|---|---|---|---|---|---|---|"]
+    by = defaultdict(dict)
+    for r in rows:
+        by[(r["solver"], r["steps"], r["window"], r["tol"])][r["anderson"]] = r
+    for k in sorted(by, key=lambda k: (k[0], k[1], k[2], -k[3])):
+        p, q = by[k].get(0), by[k].get(2)
+        if p is None or q is None:
+            continue
+        out.append(f"| {k[0]} | {k[1]} | {k[2]} | {k[3]:g} | {p['rounds']} / {q['rounds']} | {p['nfe']} / {q['nfe']} | "
+                   f"{p['rms_dev_over_spread']:.1e} / {q['rms_dev_over_spread']:.1e} |")
+    return "\n".join(out)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
@@ -133,7 +165,9 @@ def main():
                         (f"picard_piadm{args.suffix}.json", (("sequential", sequential_table),
                                                              ("piadm-ode", piadm_table),
                                                              ("piadm-sde", lambda d: piadm_table(d, "ddpm")))),
-                        (f"picard_digits{args.suffix}.json", (("digits", digits_table),))):
+                        (f"picard_digits{args.suffix}.json", (("digits", digits_table),)),
+                        (f"picard_solvers{args.suffix}.json", (("weak order", weak_order_table),
+                                                               ("Picard over the solvers", solver_picard_table)))):
         d = _load(args.results, name)
         if d is None:
             continue
