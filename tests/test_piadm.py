@@ -203,6 +203,26 @@ def test_exact_error_falls_with_the_sweeps_to_the_sequential_error(sampler):
     assert math.isclose(errs[-1], _err(seq, post), rel_tol=1e-8)
 
 
+def test_ou_clock_sde_needs_sweeps_for_its_long_last_block():
+    """PIADM-SDE on the source's OU clock: the last block holds all the geometric steps toward delta (17 for
+    3 x 4), the stiff stretch of the exact score, where Picard's error grows before it falls. K = points (4)
+    is far from the sequential sampler on the grid, 12 sweeps are near it, and as many sweeps as the last
+    block's steps give the oracle's exact law of sequential DDPM on that grid (independent of the sweeps)."""
+    spec = gaussian_inpaint(3, 3)
+    model, y, _ = _setup(spec)
+    post = exact_posterior(spec)
+    blocks, points = 3, 4
+    times = piadm_times(blocks, points, clock="ou")
+    last = len(times) - 2 - (blocks - 1) * points
+    assert last == 17
+    seq = _err(GaussianOracle(spec).law(len(times) - 1, "ddpm", times=times), post)
+    errs = {k: _err(affine_law(lambda nz: piadm_sample(model, y, nz, blocks=blocks, points=points, sweeps=k,
+                                                       sampler="ddpm", clock="ou").samples, spec.shape), post)
+            for k in (points, 12, last)}
+    assert errs[points] > 1000 * seq and abs(errs[12] - seq) < 0.01 * seq
+    assert math.isclose(errs[last], seq, rel_tol=1e-8)
+
+
 def test_the_corrector_lowers_the_error_and_converges_as_its_steps_grow():
     """PIADM-ODE: with the corrector the exact error is below the predictor's alone at the same K, and the
     corrected law converges as the corrector's steps double (differences shrink at least like h)."""
