@@ -67,6 +67,11 @@ def _add_config_args(p) -> None:
     p.add_argument("--row-budget", type=positive_int("row-budget"), default=None,
                    help="the most rows one network call takes; every batch of every level advances together in "
                         "calls of up to this many rows (default 4096)")
+    p.add_argument("--picard-window", type=positive_int("picard-window"), default=None,
+                   help="Picard-parallel levels: solve each batch's fine and coarse paths by sliding-window Picard "
+                        "iteration with this window (fewer sequential network calls, more rows; off by default)")
+    p.add_argument("--picard-tol", type=positive_float("picard-tol"), default=None,
+                   help="per-step tolerance of --picard-window, in units of each step's noise std (default 0.01)")
     p.add_argument("--plots", help="folder for the convergence plots (PNG)")
     p.add_argument("--out", required=True)
 
@@ -78,7 +83,8 @@ def config_from_args(args):
     return MLMCConfig.from_scheme(args.scheme, grid=args.grid, rho=args.rho, coupling=args.coupling,
                                   data_std=args.data_std, sampler=args.sampler, M=args.M, lmin=args.lmin,
                                   lmax=args.lmax, n0=args.n0, theta=args.theta, payoff=args.payoff, clip=args.clip,
-                                  batch_size=args.batch_size, row_budget=args.row_budget, seed=args.seed)
+                                  batch_size=args.batch_size, row_budget=args.row_budget, seed=args.seed,
+                                  picard_window=args.picard_window, picard_tol=args.picard_tol)
 
 
 def _levels(config, args):

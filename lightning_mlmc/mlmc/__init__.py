@@ -6,6 +6,7 @@ adaptive algorithm (Giles 2008, 2015), split as pymlmc splits it:
 - the driver (``driver.py``): Giles' algorithm, its resumable state (``state.py``) and the reduction
   across ranks; automatic Lmin (``lmin.py``) is chosen before it runs;
 - diagnostics (``diagnostics.py``): ``mlmc_test`` with its convergence and complexity tables;
+- ``picard_levels.py``: Picard-parallel levels (each batch's coupled paths by sliding-window Picard iteration);
 - ``config.py``: one ``MLMCConfig`` for the command line, the callback and the benchmarks.
 """
 
@@ -18,13 +19,14 @@ from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.levels import CoupledLevelSampler, LevelFunction, UserLevels, level_cost
 from lightning_mlmc.mlmc.lmin import LminChoice, choose_lmin
 from lightning_mlmc.mlmc.payoffs import apply_payoff, make_payoff
+from lightning_mlmc.mlmc.picard_levels import PicardLevelSampler
 from lightning_mlmc.mlmc.state import DriverState, fingerprint
 from lightning_mlmc.mlmc.sums import SUM_NAMES, LevelStats, LevelSums, level_stats
 
 __all__ = [
     "COUPLINGS", "SUM_NAMES", "ComplexityRow", "ConvergenceRow", "CoupledLevelSampler", "DriverState",
     "LevelFunction", "LevelStats", "LevelSums", "LminChoice", "MLMCConfig", "MLMCResult", "MLMCTestResult",
-    "UserLevels", "apply_payoff", "choose_lmin", "coarse_noise_weights", "fingerprint", "fit_growth", "fit_rate",
-    "level_cost", "level_stats", "make_payoff", "mlmc", "mlmc_auto", "mlmc_test", "optimal_samples", "run_mlmc",
-    "run_mlmc_test",
+    "PicardLevelSampler", "UserLevels", "apply_payoff", "choose_lmin", "coarse_noise_weights", "fingerprint",
+    "fit_growth", "fit_rate", "level_cost", "level_stats", "make_payoff", "mlmc", "mlmc_auto", "mlmc_test",
+    "optimal_samples", "run_mlmc", "run_mlmc_test",
 ]

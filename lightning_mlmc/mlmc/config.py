@@ -23,6 +23,7 @@ from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.levels import CoupledLevelSampler, check_M
 from lightning_mlmc.mlmc.lmin import choose_lmin
 from lightning_mlmc.mlmc.payoffs import PAYOFFS, PayoffName, make_payoff
+from lightning_mlmc.mlmc.picard_levels import PICARD_TOL, PicardLevelSampler, check_picard_level_args
 from lightning_mlmc.mlmc.state import DriverState, fingerprint
 from lightning_mlmc.sampling import SamplerName, StartDistribution, check_sampler
 from lightning_mlmc.schedule import GRID_KINDS, GridKind, TimeGrid
@@ -47,6 +48,9 @@ class MLMCConfig:
         payoff, clip: f (``second_moment``, ``mean``, ``moments``) and the clamp of samples before it.
         batch_size: samples per batch (each batch is one noise stream); row_budget: the most rows one network
         call takes (a round advances every batch of every level together); seed: base seed of every stream.
+        picard_window, picard_tol: Picard-parallel levels (``picard_levels``): each batch's fine and coarse paths
+        solved by sliding-window Picard iteration with this window (None, the default: sequential paths) and
+        per-step tolerance (in units of each step's DDPM noise std).
     """
 
     grid: GridKind = "logsnr"
@@ -64,6 +68,8 @@ class MLMCConfig:
     batch_size: int = 1000
     row_budget: int = DEFAULT_ROW_BUDGET
     seed: int = 0
+    picard_window: int | None = None
+    picard_tol: float = PICARD_TOL
 
     def __post_init__(self):
         if self.grid not in GRID_KINDS:
@@ -92,6 +98,7 @@ class MLMCConfig:
             raise InputError(f"row_budget: expected an integer >= 1, got {self.row_budget}")
         if self.seed < 0:
             raise InputError(f"seed: expected a non-negative integer, got {self.seed}")
+        check_picard_level_args(self.picard_window, self.picard_tol)
 
     @classmethod
     def from_scheme(cls, scheme: Literal["default", "seed"] = "default", **overrides) -> "MLMCConfig":
@@ -110,11 +117,15 @@ class MLMCConfig:
 
     def level_sampler(self, model, y: Tensor | None, shape, *, start: StartDistribution | None = None,
                       dtype=torch.float64, device="cpu", seed: int | None = None) -> CoupledLevelSampler:
-        """The coupled level sampler of this scheme (at Lmin 0 when Lmin is automatic: ``run_mlmc`` picks it)."""
-        return CoupledLevelSampler(model, y, shape, M=self.M, lmin=0 if self.lmin == "auto" else self.lmin,
-                                   sampler=self.sampler, coupling=self.coupling, data_std=self.data_std,
-                                   payoff=make_payoff(self.payoff, self.clip), start=start, grid=self.time_grid(),
-                                   seed=self.seed if seed is None else seed, dtype=dtype, device=device)
+        """The coupled level sampler of this scheme (at Lmin 0 when Lmin is automatic: ``run_mlmc`` picks it);
+        Picard-parallel (``PicardLevelSampler``) when ``picard_window`` is set."""
+        kw = dict(M=self.M, lmin=0 if self.lmin == "auto" else self.lmin, sampler=self.sampler, coupling=self.coupling,
+                  data_std=self.data_std, payoff=make_payoff(self.payoff, self.clip), start=start,
+                  grid=self.time_grid(), seed=self.seed if seed is None else seed, dtype=dtype, device=device)
+        if self.picard_window is not None:
+            return PicardLevelSampler(model, y, shape, window=self.picard_window, tol=self.picard_tol,
+                                      row_budget=self.row_budget, **kw)
+        return CoupledLevelSampler(model, y, shape, **kw)
 
     def state_key(self, **extra) -> str:
         """What identifies the run in a ``--state`` file besides the driver's own settings (``extra``: the
@@ -123,6 +134,8 @@ class MLMCConfig:
                "clip": self.clip, "sampler": self.sampler, "coupling": self.coupling, "lmin": self.lmin}
         if self.coupling == "jacobian":
             key["data_std"] = self.data_std
+        if self.picard_window is not None:  # a Picard level is the sequential one within its tolerance
+            key["picard_window"], key["picard_tol"] = self.picard_window, self.picard_tol
         return fingerprint(**key)
 
 

@@ -8,6 +8,10 @@ ones; a call's rows carry their own times. The noise of a path does not depend o
 so the per-level sums are those of running each batch alone, up to the floating-point effect of the network
 seeing other rows in the same call (none for row-wise networks such as the exact scores).
 
+A stepper may also be iterative (``picard_levels.PicardCoupledPaths``: one Picard round of a window per
+evaluation, its number of rounds unknown in advance); the engine runs every stepper until it reports nothing
+remaining, and uses ``remaining`` only to order them.
+
 The count of calls is what an accelerator waits on (``sequential_calls``); ``rows`` what it computes (NFEs).
 """
 
@@ -27,7 +31,8 @@ DEFAULT_ROW_BUDGET = 4096
 class Stepper(Protocol):
     """One batch of paths advancing one reverse step per network evaluation."""
 
-    remaining: int  # network evaluations still to make
+    remaining: int  # network evaluations still to make: exact for sequential paths, an estimate (> 0 until done)
+    # for iterative ones; 0 exactly when the stepper is done. The schedule runs the largest first.
 
     def rows(self) -> int:
         """Rows of the next evaluation."""
