@@ -31,6 +31,7 @@ from lightning_mlmc.mlmc.sums import LevelSums
 from lightning_mlmc.mlmc.synthetic import LevelLaw, SyntheticLevels, synthetic_laws
 
 DEFAULT_EPS = (0.05, 0.02, 0.01, 0.005)
+SIM_BATCH = 1 << 40  # the synthetic driver's batch size: one batch per level and round
 
 
 @dataclass
@@ -66,19 +67,20 @@ class ComplexityPrediction:
     beta: float = math.nan
 
     COLUMNS = ("eps", "mlmc_nfe", "mc_nfe", "savings", "mlmc_sequential_calls", "mc_sequential_calls", "L",
-               "mc_steps", "mc_samples", "method")
+               "mc_steps", "mc_samples", "method", "converged")
 
     def row(self, eps: float) -> PredictedRun:
         return min(self.rows, key=lambda r: abs(math.log(r.eps / eps)))
 
     def table(self) -> list[list]:
         return [[r.eps, r.nfe, r.nfe_mc, r.savings, r.sequential_calls, r.mc_sequential_calls, r.L, r.mc_steps,
-                 r.mc_samples, r.method] for r in self.rows]
+                 r.mc_samples, r.method, r.converged] for r in self.rows]
 
     def text(self) -> str:
         out = ["eps     MLMC NFE    plain-MC NFE  savings  MLMC seq. calls  MC seq. calls  L   plain MC"]
         for r in self.rows:
             note = "" if r.method == "mlmc" else "  (the driver would finish as plain MC)"
+            note += "" if r.converged else "  (the bias test would still fail at lmax)"
             out.append(f"{r.eps:<7g} {r.nfe:<11,.0f} {r.nfe_mc:<13,.0f} {r.savings:<8.2f} {r.sequential_calls:<16,.0f} "
                        f"{r.mc_sequential_calls:<14,.0f} {r.L:<3d} {r.mc_samples} x {r.mc_steps} steps{note}")
         if math.isfinite(self.savings_sd):
@@ -102,10 +104,10 @@ def sequential_calls(result: MLMCResult, batch_size: int, pilot_calls: float = 0
 
 
 def _auto_pilot(laws, lmin: int, M: int, eps: float, n0: int, theta: float, batch_size: int, seed: int,
-                pilot_fraction: float = 0.1) -> tuple[LminChoice, float]:
+                pilot_fraction: float = 0.1, sim_batch: int = 1) -> tuple[LminChoice, float]:
     """The automatic-Lmin pilot as ``choose_lmin`` sizes it (climb to the first level where the coupling
-    pays, then grow once by cost), its coupled levels above Lmin drawn from the synthetic levels; and its
-    sequential calls."""
+    pays, then grow once by cost), its coupled levels above Lmin drawn from the synthetic levels in batches
+    of ``sim_batch``; and its sequential calls in batches of ``batch_size``."""
     pixels = int(laws[lmin].mean.numel())
     top = next((l for l in sorted(laws) if l > lmin and float(laws[l].var.mean())
                 < COUPLING_PAYS * float(laws[l].fine_var.mean())), max(laws))
@@ -119,12 +121,12 @@ def _auto_pilot(laws, lmin: int, M: int, eps: float, n0: int, theta: float, batc
     probe = SyntheticLevels(laws, M, 0, seed)
     pilot, batches = {}, {}
     for level in range(1, top + 1):
-        batches[level] = math.ceil(n / batch_size)
+        batches[level] = math.ceil(n / sim_batch)
         if level > lmin:
             pilot[level] = probe(level, n, 0, 0)
         else:  # only counted (``unused_cost``)
             pilot[level] = LevelSums(n, LevelSums.zeros(pixels).sums, int(n * level_cost(M, level, 0)))
-    calls = sum(M**l * batches[l] for l in pilot) * (2 if grown else 1)
+    calls = sum(M**l * math.ceil(n / batch_size) for l in pilot) * (2 if grown else 1)
     return LminChoice(lmin, top, {}, pilot, batches, M), float(calls)
 
 
@@ -132,12 +134,15 @@ def predict_run(laws, lmin: int, M: int, eps: float, *, lmax: int, n0: int, thet
                 auto_lmin: bool, seed: int = 0, costs: tuple[dict, dict] | None = None) -> PredictedRun:
     """The driver at ``eps`` on the synthetic levels ``laws`` with per-sample ``costs`` (coupled, plain; default
     the diffusion levels'); Lmin fixed, and with ``auto_lmin`` the pilot priced and reused as ``choose_lmin``
-    (diffusion levels) would."""
+    (diffusion levels) would. The sample counts do not depend on the batch size and a synthetic level draws
+    any count in one call, so a round draws each level as one batch (a prediction of 10^9 samples in batches
+    of 1000 would hold 10^6 batches); ``batch_size`` prices the sequential calls."""
     levels = SyntheticLevels(laws, M, lmin, seed, *(costs or (None, None)))
-    pilot, pilot_calls = (_auto_pilot(laws, lmin, M, eps, n0, theta, batch_size, seed) if auto_lmin
-                          else (None, 0.0))
+    sim_batch = SIM_BATCH
+    pilot, pilot_calls = (_auto_pilot(laws, lmin, M, eps, n0, theta, batch_size, seed, sim_batch=sim_batch)
+                          if auto_lmin else (None, 0.0))
     try:
-        r, converged = mlmc(levels, eps, lmax=lmax, n0=n0, theta=theta, batch_size=batch_size, pilot=pilot), True
+        r, converged = mlmc(levels, eps, lmax=lmax, n0=n0, theta=theta, batch_size=sim_batch, pilot=pilot), True
     except WeakConvergenceFailure as e:
         r, converged = e.result, False
     seq, mc_seq = sequential_calls(r, batch_size, pilot_calls)
