@@ -133,6 +133,8 @@ def prediction_check(run_dir: str) -> None:
     print(f"    MLMC NFE      {predicted['mlmc_nfe']:>10,.0f}  {measured['nfe']:>10,.0f}")
     print(f"    plain-MC NFE  {predicted['mc_nfe']:>10,.0f}  {measured['nfe_mc']:>10,.0f}")
     print(f"    savings       {predicted['savings']:>10.2f}  {measured['savings']:>10.2f}")
+    if rc == 3:
+        print("    (the measured run's bias test failed at lmax: not converged)")
 
 
 def wandb_runs(run_dir: str) -> list[str]:
