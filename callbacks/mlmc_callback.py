@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import os
+import shlex
+from dataclasses import replace
 from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from typing_extensions import override
 
+import callbacks.mlmc_dashboard as dashboard
 import callbacks.uq_logging as uq_logging
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 from lightning_mlmc.figures import plot_levels, uq_map, zscore_histogram
 from lightning_mlmc.mlmc import MLMCConfig, run_mlmc, run_mlmc_test
+from lightning_mlmc.mlmc.complexity import DEFAULT_EPS, predict_complexity
 from lightning_mlmc.posterior import coverage, psnr, ssim
 
 
@@ -21,15 +26,28 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
     """Runs Giles' adaptive MLMC (``lightning_mlmc.mlmc.mlmc``) on the EMA weights at validation time.
 
     For each of the first ``observations`` fixed validation observations it estimates the posterior mean
-    and second moment in one run (payoff ``moments`` = [x, x^2], target RMSE ``eps`` averaged over both),
-    with seed ``seed + i`` for observation i; observation 0 therefore reproduces
-    ``lightning-mlmc mlmc --checkpoint CKPT --observation Y --payoff moments --clip C --eps E --seed S``
-    with the same M, lmin, lmax, n0 and sampler. Logs (DESIGN.md section 7): ``mlmc/alpha``, ``beta``,
-    ``gamma`` (means over observations), ``nfe``, ``nfe_mc`` (totals), ``savings`` (total nfe_mc / total
-    nfe), ``rmse_bound`` (max), calibration against the validation truth (``psnr``, ``ssim``,
-    ``coverage_1sd``, ``coverage_2sd``), the ``levels`` table, the ``convergence`` plots, the ``uq`` map
-    and the ``zscore`` histogram. Under DDP every rank takes a share of each level's samples (the sums are
-    all-reduced) and rank zero logs.
+    and second moment in one run (payoff ``moments`` = [x, x^2], target RMSE ``eps`` averaged over both)
+    with ``config``, the ``MLMCConfig`` the command line builds (the library's defaults unless an option
+    says otherwise), and seed ``seed + i`` for observation i. It logs the configuration (the W&B run config,
+    ``config`` in uq_summary.json) and prints the ``lightning-mlmc mlmc`` command (every field of ``config``
+    as an option, ``--device``, the run's last checkpoint and observation 0 written as
+    ``mlmc_observation_0.npy`` in the run folder) that reproduces observation 0's estimate bit for bit on the
+    checkpoint saved at that step (same batch size, hence the same noise streams, whatever the N_l).
+
+    Logs (DESIGN.md section 7): ``mlmc/alpha``, ``beta``, ``gamma`` (means over observations), ``nfe``,
+    ``nfe_mc`` (totals), ``savings`` (total nfe_mc / total nfe), ``savings_same_grid``, ``rmse_bound``
+    (max), calibration against the validation truth (``psnr``, ``ssim``, ``coverage_1sd``,
+    ``coverage_2sd``), the ``levels`` table, the ``convergence`` plots, the ``uq`` map and the ``zscore``
+    histogram; what MLMC would buy at other eps, predicted from each run's levels by the driver's own rules
+    (``lightning_mlmc.mlmc.complexity``): ``mlmc/predicted_savings`` at ``predict_eps`` (total predicted
+    plain-MC NFEs over total predicted MLMC NFEs) with its bootstrap ``predicted_savings_sd``,
+    ``predicted_nfe``, ``predicted_nfe_mc``, the ``complexity`` table over ``complexity_eps`` and its
+    cost-versus-eps plot ``complexity_plot``; and ``mlmc/trends`` (alpha, beta, predicted savings, coverage
+    and PSNR against the global step, a PNG for loggers without charts; every scalar is also a W&B line chart
+    against ``trainer/global_step``). With ``rates: mlmc_test`` the test's NFEs (its automatic-Lmin pilot
+    included) are ``mlmc/rate_test_nfe``; ``mlmc/nfe`` stays the adaptive runs' (as the CLI's) and
+    ``mlmc/nfe_total`` counts both. Under DDP every rank takes a share of each level's samples (the sums are
+    all-reduced) and rank zero predicts and logs.
 
     Args:
         eps: target RMSE (> 0).
@@ -38,14 +56,14 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         scheme: ``default`` (the library's: log-SNR grid, naive coupling, automatic Lmin) or ``seed`` (the
             seed's uniform grid, weighted coupling, Lmin 3); the options below override it (None: the
             scheme's value), exactly as ``lightning-mlmc mlmc`` does.
-        M, lmin, lmax, n0: MLMC refinement factor, coarsest/finest level (``lmin: auto`` picks Lmin from a
-            coupled pilot run), largest pilot per level.
+        M, lmin, lmax, n0, theta: MLMC refinement factor, coarsest/finest level (``lmin: auto`` picks Lmin
+            from a coupled pilot run), largest pilot per level, the bias share of eps^2.
         sampler: ``ddpm`` or ``ddim``.
         grid, coupling: the time-grid family (``uniform``, ``polynomial``, ``logsnr``, ``edm``; ``rho`` for
             the warps) and the coarse-noise coupling (``naive``, ``weighted`` or ``jacobian`` with its
             ``data_std``), as on the CLI.
         seed: base seed.
-        batch_size: samples per batched call.
+        batch_size: samples per batched call (it picks the noise streams: the CLI must use the same).
         rates: ``adaptive`` fits alpha, beta, gamma from the adaptive run's levels; ``mlmc_test`` fits them
             from Giles' fixed-level ``mlmc_test`` (``rate_samples`` samples on every level lmin..lmax, as
             ``lightning-mlmc mlmc-test --levels lmax --samples rate_samples``), whose table (with kurtosis
@@ -54,16 +72,25 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         clip: clamp samples to [-clip, clip] before the payoff (images live in [-1, 1]). Early in training
             a network's samples can be far outside the data range; without a clip their variance would
             make MLMC ask for an enormous number of samples. ``null`` disables it.
+        predict_eps: the eps of ``mlmc/predicted_savings``; complexity_eps: the eps of the complexity table.
+        bootstrap: parametric-bootstrap replicates of the prediction at ``predict_eps`` (0: no spread).
+
+    The default eps 0.02 is for the prediction: at eps 0.1 a run on the digits model draws about 4 samples a
+    level, and its predicted savings at eps 0.01 scatter from 0.08x to 1.2x over three seeds against a
+    measured 1.08x (benchmarks/mlmc_prediction.py); at 0.02 it draws 100-200 on the coarsest level for
+    2.7-5.4k NFEs, and the predictions are 0.76x-1.24x.
     """
 
-    def __init__(self, eps: float = 0.1, observations: int = 2, every_n_epochs: int = 1,
+    def __init__(self, eps: float = 0.02, observations: int = 2, every_n_epochs: int = 1,
                  scheme: Literal["default", "seed"] = "default", M: int | None = None,
                  lmin: int | Literal["auto"] | None = None, lmax: int | None = None, n0: int | None = None,
                  sampler: Literal["ddpm", "ddim"] | None = None,
                  grid: Literal["uniform", "polynomial", "logsnr", "edm"] | None = None, rho: float | None = None,
                  coupling: Literal["naive", "weighted", "jacobian"] | None = None, data_std: float | None = None,
                  seed: int = 0, batch_size: int | None = None, clip: float | None = 2.0,
-                 rates: Literal["adaptive", "mlmc_test"] = "adaptive", rate_samples: int = 200):
+                 theta: float | None = None, rates: Literal["adaptive", "mlmc_test"] = "adaptive",
+                 rate_samples: int = 200, predict_eps: float = 0.01, complexity_eps: list[float] = list(DEFAULT_EPS),
+                 bootstrap: int = 16):
         if not eps > 0:
             raise InputError(f"eps: expected a positive number, got {eps}")
         if observations < 1:
@@ -74,14 +101,32 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             raise InputError(f"rates: expected adaptive or mlmc_test, got {rates!r}")
         if rates == "mlmc_test" and rate_samples < 2:
             raise InputError("rates: mlmc_test needs rate_samples >= 2")
+        if not predict_eps > 0:
+            raise InputError(f"predict_eps: expected a positive number, got {predict_eps}")
+        if not complexity_eps or not all(e > 0 for e in complexity_eps):
+            raise InputError(f"complexity_eps: expected a list of positive numbers, got {complexity_eps}")
+        if bootstrap < 0 or bootstrap == 1:
+            raise InputError(f"bootstrap: expected 0 (no spread) or at least 2 replicates, got {bootstrap}")
         # Everything else is the command line's MLMC configuration (its defaults unless set), validated there.
         self.config = MLMCConfig.from_scheme(scheme, grid=grid, rho=rho, coupling=coupling, data_std=data_std,
-                                             sampler=sampler, M=M, lmin=lmin, lmax=lmax, n0=n0, payoff="moments",
-                                             clip=clip, batch_size=batch_size, seed=seed)
+                                             sampler=sampler, M=M, lmin=lmin, lmax=lmax, n0=n0, theta=theta,
+                                             payoff="moments", clip=clip, batch_size=batch_size, seed=seed)
         self.eps, self.observations, self.every_n_epochs = float(eps), int(observations), int(every_n_epochs)
         self.rates, self.rate_samples = rates, int(rate_samples)
+        self.predict_eps, self.complexity_eps = float(predict_eps), [float(e) for e in complexity_eps]
+        self.bootstrap = int(bootstrap)
         self.last_tests: list = []
         self.last_results: list = []
+        self.last_predictions: list = []
+        self.last_command: list[str] = []
+
+    def cli_command(self, checkpoint: str, observation: str, out: str, device: str = "cpu",
+                    index: int = 0) -> list[str]:
+        """The ``lightning-mlmc mlmc`` command that reproduces observation ``index``'s estimate (given its y
+        as ``observation``) on ``checkpoint``: every option of ``config``, its seed ``seed + index``."""
+        config = replace(self.config, seed=self.config.seed + index)
+        return ["lightning-mlmc", "mlmc", "--checkpoint", checkpoint, "--observation", observation, "--device", device,
+                *config.to_cli_args(), "--eps", repr(self.eps), "--out", out]
 
     @override
     def run(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
@@ -95,9 +140,37 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         finally:
             pl_module.train(was_training)
         self.last_results = results
-        if trainer.is_global_zero:
-            return self._log(trainer, pl_module, truth, y, results)
-        return {}
+        if not trainer.is_global_zero:
+            return {}
+        self.last_predictions = [self.predict(r, i) for i, r in enumerate(results)]
+        self._log_command(trainer, pl_module, y)
+        return self._log(trainer, pl_module, truth, y, results)
+
+    def predict(self, result, i: int = 0):
+        """What runs of this configuration would cost at the complexity table's eps (``predict_complexity``)
+        from observation ``i``'s run ``result``; None, with a warning, when it has too few levels to predict from."""
+        c = self.config
+        try:
+            return predict_complexity(result, self.complexity_eps, predict_eps=self.predict_eps, lmax=c.lmax,
+                                      n0=c.n0, theta=c.theta, batch_size=c.batch_size, auto_lmin=c.lmin == "auto",
+                                      replicates=self.bootstrap, seed=c.seed + i)
+        except InputError as e:
+            rank_zero_warn(f"MLMCCallback: no complexity prediction for observation {i}: {e}")
+            return None
+
+    def _log_command(self, trainer, pl_module, y) -> None:
+        """Write observation 0's y into the run folder, log the configuration and print the command."""
+        folder = uq_logging.run_folder(trainer)
+        observation = os.path.join(folder, "mlmc_observation_0.npy")
+        os.makedirs(folder, exist_ok=True)
+        np.save(observation, y[0].cpu().numpy())
+        self.last_command = self.cli_command(dashboard.checkpoint_path(trainer), observation,
+                                             os.path.join(folder, "mlmc_observation_0.json"), str(pl_module.device))
+        settings = {"eps": self.eps, "rates": self.rates, "predict_eps": self.predict_eps}
+        uq_logging.log_config(trainer, {"mlmc": {**self.config.to_json(), **settings,
+                                                 "command": shlex.join(self.last_command)}})
+        print(f"MLMCCallback, step {trainer.global_step}: observation 0 is reproduced by\n  "
+              + shlex.join(self.last_command), flush=True)
 
     def _estimate(self, pl_module, y, i):
         levels = self.config.level_sampler(pl_module.model, y, tuple(pl_module.operator.shape), dtype=torch.float32,
@@ -132,9 +205,15 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             "mlmc/coverage_1sd": coverage(mean, std, truth, 1.0),
             "mlmc/coverage_2sd": coverage(mean, std, truth, 2.0),
             "mlmc/converged": float(all(r.converged for r in results)),
+            **dashboard.complexity_scalars(self.last_predictions),
         }
+        if self.last_tests:
+            scalars["mlmc/rate_test_nfe"] = sum(t.nfe + t.pilot_nfe for t in self.last_tests)
+        scalars["mlmc/nfe_total"] = nfe + scalars.get("mlmc/rate_test_nfe", 0.0)
         uq_logging.log_scalars(trainer, scalars)
         folder = uq_logging.media_folder(trainer)
+        dashboard.log_complexity(trainer, self.last_predictions, folder)
+        dashboard.log_trends(trainer, folder)
         if self.last_tests:
             rows = [[i, row.level, self.rate_samples, row.mean, row.var, row.cost, row.kurtosis, row.check]
                     for i, t in enumerate(self.last_tests) for row in t.rows]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 from typing_extensions import override
@@ -13,7 +14,7 @@ import callbacks.uq_logging as uq_logging
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.figures import residual_plot
 from lightning_mlmc.picard import SLIDE_RULES, picard_sample
-from lightning_mlmc.sampling import NoiseSource, check_sampler, sample
+from lightning_mlmc.sampling import NoiseSource, call_model, check_sampler, sample
 
 
 class PicardCallback(uq_logging.ValidationUQCallback):
@@ -21,19 +22,22 @@ class PicardCallback(uq_logging.ValidationUQCallback):
 
     Both use the same ``NoiseSource`` (seed ``seed``) on ``samples_per_observation`` samples of each of the
     first ``observations`` validation observations, in one batch. Logs ``picard/rounds``, ``nfe``, ``steps``,
-    ``speedup_rounds`` (steps / rounds), ``speedup_wall`` (sequential over Picard wall time, same run),
+    ``speedup_rounds`` (steps / rounds), ``speedup_wall`` (median sequential over median Picard wall time of
+    ``repeats`` alternated runs after an untimed warm-up),
     ``max_abs_diff`` (max |Picard - sequential|) and the residual-per-round plot. Runs on rank zero.
 
     Args:
         steps: sampler steps; window: Picard window (>= 1); tol: tolerance (> 0, in units of each step's
         DDPM noise std); anderson: triangular Anderson memory (0 = plain Picard; 2, the measured best, by
         default); slide: the window's slide rule (``paradigms``, the default, or ``prefix``); sampler: ddpm or ddim;
-        observations, samples_per_observation: batch; every_n_epochs: cadence (and once at the end of fit).
+        observations, samples_per_observation: batch; every_n_epochs: cadence (and once at the end of fit);
+        repeats: timed runs of each sampler after a warm-up, alternated (the wall speedup is the ratio of the medians).
     """
 
     def __init__(self, steps: int = 100, window: int = 32, tol: float = 0.1, anderson: int = 2,
                  slide: Literal["paradigms", "prefix"] = "paradigms", sampler: Literal["ddpm", "ddim"] = "ddpm",
-                 observations: int = 2, samples_per_observation: int = 4, every_n_epochs: int = 1, seed: int = 0):
+                 observations: int = 2, samples_per_observation: int = 4, every_n_epochs: int = 1, seed: int = 0,
+                 repeats: int = 3):
         if steps < 1:
             raise InputError(f"steps: expected >= 1, got {steps}")
         if window < 1:
@@ -49,6 +53,9 @@ class PicardCallback(uq_logging.ValidationUQCallback):
             raise InputError("observations/samples_per_observation: expected at least 1 of each")
         if every_n_epochs < 1:
             raise InputError(f"every_n_epochs: expected >= 1, got {every_n_epochs}")
+        if repeats < 1:
+            raise InputError(f"repeats: expected >= 1, got {repeats}")
+        self.repeats = int(repeats)
         self.steps, self.window, self.tol, self.anderson = int(steps), int(window), float(tol), int(anderson)
         self.slide = slide
         self.sampler, self.observations, self.samples = sampler, int(observations), int(samples_per_observation)
@@ -66,9 +73,15 @@ class PicardCallback(uq_logging.ValidationUQCallback):
         try:
             with torch.no_grad():
                 noise = lambda: NoiseSource(self.seed, shape, dtype=torch.float32, device=pl_module.device)  # noqa: E731
-                seq = sample(pl_module.model, y, noise(), steps=self.steps, sampler=self.sampler)
-                par = picard_sample(pl_module.model, y, noise(), steps=self.steps, sampler=self.sampler,
-                                    window=self.window, tol=self.tol, anderson=self.anderson, slide=self.slide)
+                self._warm_up(pl_module, y, shape)
+                seq_walls, par_walls = [], []
+                for _ in range(self.repeats):  # alternated, so a slow spell of the machine hits both
+                    seq = sample(pl_module.model, y, noise(), steps=self.steps, sampler=self.sampler)
+                    par = picard_sample(pl_module.model, y, noise(), steps=self.steps, sampler=self.sampler,
+                                        window=self.window, tol=self.tol, anderson=self.anderson,
+                                        slide=self.slide)
+                    seq_walls.append(seq.wall_seconds)
+                    par_walls.append(par.wall_seconds)
         finally:
             pl_module.train(was_training)
         scalars = {
@@ -76,7 +89,7 @@ class PicardCallback(uq_logging.ValidationUQCallback):
             "picard/nfe": par.nfe,
             "picard/steps": self.steps,
             "picard/speedup_rounds": self.steps / par.rounds,
-            "picard/speedup_wall": seq.wall_seconds / par.wall_seconds,
+            "picard/speedup_wall": float(np.median(seq_walls) / np.median(par_walls)),
             "picard/max_abs_diff": float((par.samples - seq.samples).abs().max()),
         }
         uq_logging.log_scalars(trainer, scalars)
@@ -84,3 +97,10 @@ class PicardCallback(uq_logging.ValidationUQCallback):
         residual_plot(path, par.stats["residuals"], self.tol)
         uq_logging.log_images(trainer, "picard/residuals", [path])
         return scalars
+
+    def _warm_up(self, pl_module, y, shape) -> None:
+        """One untimed network call at each batch size the samplers use (the sequential batch and a full
+        Picard window of it): first calls pay for allocations and kernel selection."""
+        for copies in (1, min(self.window, self.steps)):
+            x = torch.zeros((copies * shape[0], *shape[1:]), device=pl_module.device)
+            call_model(pl_module.model, x, y.repeat(copies, *([1] * (y.dim() - 1))), 0.5)

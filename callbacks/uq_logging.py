@@ -3,7 +3,9 @@
 With a ``WandbLogger``: images as ``wandb.Image``, tables as ``wandb.Table``, scalars in the history and
 the run summary. With any other logger: scalars through ``log_metrics``; images and tables as PNG and CSV
 files under ``<run folder>/uq/step_<global step>/``. Every scalar also goes to ``<run folder>/uq_summary.json``
-(the latest values plus a history), for users without W&B. Call these on rank zero only.
+(the latest values plus a history, the callbacks' settings and the latest table of each key), for users
+without W&B. Call these on rank
+zero only.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def log_images(trainer: pl.Trainer, key: str, paths: list[str]) -> None:
 
 
 def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list]) -> None:
+    """A table for every logger, as CSV in the media folder, and the latest one under ``tables`` in
+    uq_summary.json."""
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             logger.log_table(key=key, columns=columns, data=rows, step=trainer.global_step)
@@ -58,21 +62,45 @@ def log_table(trainer: pl.Trainer, key: str, columns: list[str], rows: list[list
         writer = csv.writer(f)
         writer.writerow(columns)
         writer.writerows(rows)
+    summary = read_summary(trainer)
+    summary.setdefault("tables", {})[key] = {"global_step": trainer.global_step, "columns": columns, "rows": rows}
+    _write_summary(trainer, summary)
 
 
-def _update_summary(trainer: pl.Trainer, scalars: dict[str, float]) -> None:
+def log_config(trainer: pl.Trainer, params: dict) -> None:
+    """Settings (nested dicts of plain values) as every logger's hyperparameters (the W&B run config) and
+    under ``config`` in uq_summary.json."""
+    for logger in trainer.loggers:
+        logger.log_hyperparams(params)
+    summary = read_summary(trainer)
+    summary.setdefault("config", {}).update(params)
+    _write_summary(trainer, summary)
+
+
+def read_summary(trainer: pl.Trainer) -> dict:
+    """uq_summary.json of the run folder: ``latest`` scalars, their ``history``, the logged ``config`` and the
+    latest ``tables``."""
     path = os.path.join(run_folder(trainer), "uq_summary.json")
-    summary = {"latest": {}, "history": []}
-    if os.path.isfile(path):
-        with open(path) as f:
-            summary = json.load(f)
-    clean = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
-    summary["latest"].update(clean)
-    summary["history"].append({"epoch": trainer.current_epoch, "global_step": trainer.global_step, **clean})
+    if not os.path.isfile(path):
+        return {"latest": {}, "history": []}
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_summary(trainer: pl.Trainer, summary: dict) -> None:
+    path = os.path.join(run_folder(trainer), "uq_summary.json")
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(tmp, path)
+
+
+def _update_summary(trainer: pl.Trainer, scalars: dict[str, float]) -> None:
+    summary = read_summary(trainer)
+    clean = {k: (v if math.isfinite(v) else None) for k, v in scalars.items()}
+    summary["latest"].update(clean)
+    summary["history"].append({"epoch": trainer.current_epoch, "global_step": trainer.global_step, **clean})
+    _write_summary(trainer, summary)
 
 
 def validation_observations(trainer: pl.Trainer, n: int):

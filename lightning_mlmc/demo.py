@@ -8,6 +8,9 @@
    (truth | y | 4 samples | posterior mean | pixel std).
 4. Prints the MLMC and Picard results that the config's validation callbacks logged (uq_summary.json and
    the offline W&B run).
+5. Prints the MLMC callback's predicted complexity table (MLMC and plain-MC NFEs across eps, from its last
+   validation run) and checks it: for observation 0 it runs the command the callback printed at its
+   ``predict_eps`` (0.01) and shows the measured cost and savings beside the predicted ones.
 
 Everything goes to runs/digits_superres/ (override with DEMO_RUN_DIR); DEMO_MAX_EPOCHS shortens training.
 Run it as ``python -m lightning_mlmc.demo`` from the repository (``make demo``).
@@ -15,6 +18,7 @@ Run it as ``python -m lightning_mlmc.demo`` from the repository (``make demo``).
 
 import json
 import os
+import shlex
 import sys
 import time
 
@@ -89,6 +93,50 @@ def evaluate(ckpt: str, run_dir: str, num_samples: int = 16, steps: int = 100) -
     return metrics
 
 
+def prediction_check(run_dir: str) -> None:
+    """Print the callback's last complexity table, then run its printed command for observation 0 at
+    ``predict_eps`` and print the measured run beside the prediction."""
+    path = os.path.join(run_dir, "uq_summary.json")
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        uq = json.load(f)
+    table, settings = uq.get("tables", {}).get("mlmc/complexity"), uq.get("config", {}).get("mlmc")
+    if not table or not settings:
+        return
+    cols = table["columns"]
+    rows = [dict(zip(cols, r)) for r in table["rows"]]
+    print(f"\nMLMC predicted complexity (callback, step {table['global_step']}, eps {settings['eps']:g} runs; "
+          "the driver's rules on levels fitted to them):")
+    print("  obs  eps      MLMC NFE   plain-MC NFE  savings  MLMC seq. calls  plain-MC seq. calls")
+    for r in rows:
+        print(f"  {r['observation']:<4} {r['eps']:<8g} {r['mlmc_nfe']:<10,.0f} {r['mc_nfe']:<13,.0f} "
+              f"{r['savings']:<8.2f} {r['mlmc_sequential_calls']:<16,.0f} {r['mc_sequential_calls']:,.0f}")
+    latest = uq["latest"]
+    eps = settings["predict_eps"]
+    print(f"  predicted savings at eps {eps:g} (all observations): {latest['mlmc/predicted_savings']:.2f}x "
+          f"(bootstrap sd {latest.get('mlmc/predicted_savings_sd') or float('nan'):.2f})")
+    command = shlex.split(settings["command"])
+    command[command.index("--eps") + 1] = repr(eps)
+    out = os.path.join(run_dir, f"mlmc_observation_0_eps{eps:g}.json")
+    command[command.index("--out") + 1] = out
+    tic = time.perf_counter()
+    rc = cli_main(command[1:])
+    if rc not in (0, 3):
+        print(f"  the measured run failed (exit {rc})")
+        return
+    with open(out) as f:
+        measured = json.load(f)
+    predicted = next(r for r in rows if r["observation"] == 0 and r["eps"] == eps)
+    print(f"  observation 0 at eps {eps:g}, predicted vs measured ({time.perf_counter() - tic:.0f} s, "
+          f"{shlex.join(command)}):")
+    print(f"    MLMC NFE      {predicted['mlmc_nfe']:>10,.0f}  {measured['nfe']:>10,.0f}")
+    print(f"    plain-MC NFE  {predicted['mc_nfe']:>10,.0f}  {measured['nfe_mc']:>10,.0f}")
+    print(f"    savings       {predicted['savings']:>10.2f}  {measured['savings']:>10.2f}")
+    if rc == 3:
+        print("    (the measured run's bias test failed at lmax: not converged)")
+
+
 def wandb_runs(run_dir: str) -> list[str]:
     folder = os.path.join(run_dir, "wandb")
     if not os.path.isdir(folder):
@@ -126,6 +174,7 @@ def main() -> None:
     print(f"  run folder:        {run_dir}")
     for run in wandb_runs(run_dir):
         print(f"  W&B offline run:   {run}  (upload later: wandb sync {run})")
+    prediction_check(run_dir)
 
 
 if __name__ == "__main__":

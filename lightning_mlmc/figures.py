@@ -148,6 +148,38 @@ def plot_levels(levels, folder: str, M: int = 2, complexity=None, samples: list[
     return paths
 
 
+def complexity_plot(path: str, eps: list[float], mlmc_nfe: list[float], mc_nfe: list[float],
+                    title: str | None = None) -> None:
+    """Giles' complexity figure, predicted: eps^2 x cost against eps for MLMC and plain MC (log-log; plain
+    MC's grows like eps^-1 / alpha where MLMC's is flat, so the curves cross where MLMC starts to pay)."""
+    plt = _plt()
+    e = np.asarray(eps, dtype=float)
+    fig, ax = plt.subplots(figsize=(4.5, 3.5))
+    ax.loglog(e, e**2 * np.asarray(mlmc_nfe, dtype=float), "o-", label="MLMC (predicted)")
+    ax.loglog(e, e**2 * np.asarray(mc_nfe, dtype=float), "s--", label="plain MC (predicted)")
+    ax.set(xlabel="eps", ylabel="eps^2 x cost (NFE)", title=title or "predicted cost against eps")
+    ax.invert_xaxis()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def trends_plot(path: str, history: list[dict], keys: list[str]) -> None:
+    """Training trends: one panel per key (its value against the global step) from a list of
+    ``{"global_step": ..., key: value}`` records (``uq_summary.json``'s history); missing values are skipped."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        pts = [(h["global_step"], h[key]) for h in history if h.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), "o-", ms=3)
+        ax.set(xlabel="global step", title=key)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _save_figure(fig, folder: str, name: str) -> str:
     import os
 

@@ -44,3 +44,32 @@ def history(path) -> dict[str, list]:
                 key = item.key or "/".join(item.nested_key)
                 out.setdefault(key, []).append(json.loads(item.value_json))
     return out
+
+
+def history_rows(path) -> list[dict]:
+    """One dict per history record (key -> JSON-decoded value), in order: what was logged together."""
+    rows = []
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
+    return rows
+
+
+def summary(path) -> dict:
+    """The run summary as last written (key -> JSON-decoded value; later records update earlier ones)."""
+    out = {}
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "summary":
+            for item in rec.summary.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out
+
+
+def config(path) -> dict:
+    """The run config (top-level key -> JSON-decoded value) from every config record."""
+    out = {}
+    for rec in records(path):
+        if rec.WhichOneof("record_type") == "config":
+            for item in rec.config.update:
+                out[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return out

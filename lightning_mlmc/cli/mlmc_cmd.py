@@ -77,14 +77,13 @@ def _add_config_args(p) -> None:
 
 
 def config_from_args(args):
-    """The ``MLMCConfig`` of the parsed options (validated there: a bad value is a one-line error)."""
+    """The ``MLMCConfig`` of the parsed options, one option per field with the field's name (validated there:
+    a bad value is a one-line error); ``MLMCConfig.to_cli_args`` writes them back."""
+    from dataclasses import fields
+
     from lightning_mlmc.mlmc import MLMCConfig
 
-    return MLMCConfig.from_scheme(args.scheme, grid=args.grid, rho=args.rho, coupling=args.coupling,
-                                  data_std=args.data_std, sampler=args.sampler, M=args.M, lmin=args.lmin,
-                                  lmax=args.lmax, n0=args.n0, theta=args.theta, payoff=args.payoff, clip=args.clip,
-                                  batch_size=args.batch_size, row_budget=args.row_budget, seed=args.seed,
-                                  picard_window=args.picard_window, picard_tol=args.picard_tol)
+    return MLMCConfig.from_scheme(args.scheme, **{f.name: getattr(args, f.name) for f in fields(MLMCConfig)})
 
 
 def _levels(config, args):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
@@ -20,7 +20,7 @@ from lightning_mlmc.mlmc.engine import DEFAULT_ROW_BUDGET
 from lightning_mlmc.mlmc.diagnostics import MLMCTestResult, mlmc_test
 from lightning_mlmc.mlmc.driver import first_pilot, mlmc
 from lightning_mlmc.mlmc.result import MLMCResult
-from lightning_mlmc.mlmc.levels import CoupledLevelSampler, check_M
+from lightning_mlmc.mlmc.levels import CoupledLevelSampler, check_M, level_cost
 from lightning_mlmc.mlmc.lmin import choose_lmin
 from lightning_mlmc.mlmc.payoffs import PAYOFFS, PayoffName, make_payoff
 from lightning_mlmc.mlmc.picard_levels import PICARD_TOL, PicardLevelSampler, check_picard_level_args
@@ -115,6 +115,16 @@ class MLMCConfig:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def to_cli_args(self) -> list[str]:
+        """The ``lightning-mlmc mlmc`` / ``mlmc-test`` options that rebuild exactly this configuration: every
+        field as ``--<name>`` (underscores as dashes; None fields left out, which the CLI reads as None)."""
+        args = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is not None:
+                args += [f"--{f.name.replace('_', '-')}", repr(value) if isinstance(value, float) else str(value)]
+        return args
+
     def level_sampler(self, model, y: Tensor | None, shape, *, start: StartDistribution | None = None,
                       dtype=torch.float64, device="cpu", seed: int | None = None) -> CoupledLevelSampler:
         """The coupled level sampler of this scheme (at Lmin 0 when Lmin is automatic: ``run_mlmc`` picks it);
@@ -177,8 +187,13 @@ def run_mlmc_test(config: MLMCConfig, levels: CoupledLevelSampler, finest: int, 
                   eps_list=(), progress=None) -> MLMCTestResult:
     """Giles' ``mlmc_test`` with ``config``'s settings on ``levels``: the levels Lmin..``finest`` (with
     ``lmin: auto``, Lmin chosen first from a coupled pilot of ``samples`` samples per level)."""
+    pilot_nfe = 0.0
     if config.lmin == "auto":
-        levels = levels.with_lmin(choose_lmin(levels, min(samples, config.n0), finest, batch_size=config.batch_size,
-                                              budget=config.row_budget, progress=progress).lmin)
-    return mlmc_test(levels, finest, samples, eps_list, n0=config.n0, theta=config.theta, lmax=config.lmax,
-                     batch_size=config.batch_size, budget=config.row_budget, progress=progress)
+        pilot = choose_lmin(levels, min(samples, config.n0), finest, batch_size=config.batch_size,
+                            budget=config.row_budget, progress=progress)
+        levels = levels.with_lmin(pilot.lmin)
+        pilot_nfe = float(sum(s.n * level_cost(config.M, l, 0) for l, s in pilot.pilot.items()))
+    result = mlmc_test(levels, finest, samples, eps_list, n0=config.n0, theta=config.theta, lmax=config.lmax,
+                       batch_size=config.batch_size, budget=config.row_budget, progress=progress)
+    result.pilot_nfe = pilot_nfe
+    return result

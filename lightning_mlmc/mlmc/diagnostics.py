@@ -53,6 +53,8 @@ class MLMCTestResult:
     gamma: float
     complexity: list[ComplexityRow] = field(default_factory=list)
     wall_seconds: float = 0.0
+    nfe: float = 0.0  # of the convergence table: samples x cost per level (the eps runs have their own)
+    pilot_nfe: float = 0.0  # of the automatic-Lmin pilot run before it (``run_mlmc_test``)
     warnings: list[str] = field(default_factory=list)
     sequential_calls: int = 0  # network calls of the table's round
 
@@ -113,7 +115,8 @@ def mlmc_test(levels: LevelFunction, finest: int, samples: int, eps_list=(), *, 
     alpha = fit_rate(lv, [r.mean for r in coupled], levels.M)
     beta = fit_rate(lv, [r.var for r in coupled], levels.M)
     gamma = fit_growth(lv, [r.cost for r in coupled], levels.M)
-    res = MLMCTestResult(rows, alpha, beta, gamma, warnings=_warnings(rows), sequential_calls=stats.calls)
+    res = MLMCTestResult(rows, alpha, beta, gamma, warnings=_warnings(rows), sequential_calls=stats.calls,
+                         nfe=float(sum(r.cost for r in rows) * samples))
     for e in eps_list:
         try:
             r, converged = mlmc(levels, e, lmax=lmax, n0=n0, theta=theta, batch_size=batch_size, row_budget=budget,

@@ -84,7 +84,7 @@ def result(run, converged: bool, wall_seconds: float, method: str) -> MLMCResult
         nfe_mc_same_grid=float(same), savings_same_grid=float(same / nfe), rounds=st.rounds,
         sequential_calls=int(st.sequential_calls), rows_per_call=calls / max(st.sequential_calls, 1),
         mc_sequential_calls=engine.plain_mc_calls(int(mc.steps), int(mc.samples), s.batch_size, s.row_budget),
-        world_size=world_size(), scheme=dict(getattr(run.levels, "scheme", {}) or {}),
+        world_size=world_size(), scheme=dict(getattr(run.levels, "scheme", {}) or {}), moments=moments,
     )
 
 

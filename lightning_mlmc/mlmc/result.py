@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from lightning_mlmc.mlmc.sums import LevelStats
 
@@ -15,7 +15,9 @@ class MLMCResult:
     meets the same eps by this run's own estimates (``mc_steps`` x ``mc_samples``, each candidate level with
     its own bias/variance split); Giles' same-grid figure, V[P_L] C_L / ((1 - theta) eps^2) at the run's L,
     is ``nfe_mc_same_grid``. ``method`` is ``mc`` when the pilot predicted plain MC cheaper and the run
-    finished as plain MC at level ``mc_level`` (then ``levels`` are the pilot's).
+    finished as plain MC at level ``mc_level`` (then ``levels`` are the pilot's). ``moments`` are the levels'
+    per-pixel moments (``estimates.LevelMoments``), what predictions at other eps start from
+    (``complexity.predict_complexity``); they are not part of the JSON.
     """
 
     estimate: list
@@ -49,8 +51,10 @@ class MLMCResult:
     mc_sequential_calls: int = 0  # the plain-MC alternative's, on the same engine with the same row budget
     world_size: int = 1
     scheme: dict = field(default_factory=dict)  # grid, coupling, sampler, ... of the level function
+    moments: list = field(default_factory=list, repr=False)  # per-pixel LevelMoments of ``levels``
 
     def to_json(self) -> dict:
-        data = asdict(self)
+        data = asdict(replace(self, moments=[]))
+        del data["moments"]
         data.update(self.scheme)  # grid, coupling, ... as top-level keys (DESIGN.md section 6)
         return data
