@@ -26,7 +26,10 @@ def _ratio(x: float) -> str:
 
 def vs_mc_table(data) -> str:
     """MLMC against the plain MC its result names (run for real), per problem, scheme and eps."""
-    out = [f"Machine: {_machine(data['machine'])}.", "",
+    stamps = {}
+    for r in data["rows"]:
+        stamps.setdefault(r["problem"].split(" (")[0], _machine(r.get("machine", data["machine"])))
+    out = ["Machine: " + "; ".join(f"{k}: {v}" for k, v in stamps.items()) + ".", "",
            "| problem | scheme | eps | runs | MLMC: L (method) | MLMC NFE | plain MC it names (steps x samples) | "
            "MC NFE | **savings** (measured) | Giles' same-grid figure | MLMC RMSE | MC RMSE | rounds |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
