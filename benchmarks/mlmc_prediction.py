@@ -1,11 +1,11 @@
 """Does the MLMC callback's predicted complexity hold? Its prediction at eps 0.01 against measured runs.
 
-On `make demo`'s trained super-resolution model and observation 0, with the callback's settings
-(``MLMCCallback()``: payoff moments, clip 2, the library's MLMC defaults): a validation-sized run at the
-callback's eps (``--validation-eps``, default the callback's 0.02 and, for comparison, 0.1 as the configs
-had it) gives the prediction at ``predict_eps`` 0.01 (``MLMCCallback.predict``: the driver on synthetic levels
-fitted to the run, with its bootstrap spread); three adaptive runs at eps 0.01 measure the cost and the
-savings (their own honest ``nfe_mc``). Predictions and measurements use different seeds. The check: the mean
+On `make demo`'s trained super-resolution model and observation 0, with the callback of
+configs/digits_superres.yaml (payoff moments, clip 2, the library's MLMC defaults): a validation-sized run
+(``--validation-eps``, default the config's 0.02 and the callback's default 0.1) gives the prediction at
+``predict_eps`` 0.01 (``MLMCCallback.predict``: the driver on synthetic levels fitted to the run, with its
+bootstrap spread); three adaptive runs at eps 0.01 measure the cost and the savings (their own honest
+``nfe_mc``). Predictions and measurements use different seeds. The check: the mean
 predicted MLMC NFEs and the predicted savings (ratio of the mean NFEs) within 30% of the measured ones.
 
     .venv/bin/python -m benchmarks.mlmc_prediction     # about 5 minutes on 2 CPU cores
@@ -23,6 +23,7 @@ from dataclasses import replace
 
 import numpy as np
 import torch
+import yaml
 
 from benchmarks.machine import machine_info
 from benchmarks.mlmc_bench import ROOT, log, trained_model_paths, trained_target, write_result
@@ -83,10 +84,17 @@ def compare(preds: list[dict], measured: list[dict]) -> dict:
     return out
 
 
+def demo_callback() -> MLMCCallback:
+    """The MLMC callback as configs/digits_superres.yaml (the demo's config) builds it."""
+    with open(os.path.join(ROOT, "configs", "digits_superres.yaml")) as f:
+        callbacks = yaml.safe_load(f)["trainer"]["callbacks"]
+    return MLMCCallback(**next(c["init_args"] for c in callbacks if c["class_path"] == "callbacks.MLMCCallback"))
+
+
 def main(argv=None) -> int:
-    cb = MLMCCallback()
+    cb = demo_callback()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--validation-eps", type=float, nargs="+", default=[cb.eps, 0.1])
+    ap.add_argument("--validation-eps", type=float, nargs="+", default=[cb.eps, MLMCCallback().eps])
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "mlmc_prediction.json"))
     args = ap.parse_args(argv)

@@ -93,9 +93,13 @@ def evaluate(ckpt: str, run_dir: str, num_samples: int = 16, steps: int = 100) -
     return metrics
 
 
+MAX_CHECK_NFE = 200_000  # the measured check's largest predicted cost (about 2 minutes on 2 CPU cores)
+
+
 def prediction_check(run_dir: str) -> None:
     """Print the callback's last complexity table, then run its printed command for observation 0 at
-    ``predict_eps`` and print the measured run beside the prediction."""
+    ``predict_eps`` and print the measured run beside the prediction (unless it is predicted to cost more
+    than ``MAX_CHECK_NFE``)."""
     path = os.path.join(run_dir, "uq_summary.json")
     if not os.path.isfile(path):
         return
@@ -116,6 +120,11 @@ def prediction_check(run_dir: str) -> None:
     eps = settings["predict_eps"]
     print(f"  predicted savings at eps {eps:g} (all observations): {latest['mlmc/predicted_savings']:.2f}x "
           f"(bootstrap sd {latest.get('mlmc/predicted_savings_sd') or float('nan'):.2f})")
+    predicted = next(r for r in rows if r["observation"] == 0 and r["eps"] == eps)
+    if predicted["mlmc_nfe"] > MAX_CHECK_NFE:  # an undertrained network (a slow machine hit max_time)
+        print(f"  observation 0 at eps {eps:g}: {predicted['mlmc_nfe']:,.0f} NFEs predicted, more than the demo "
+              f"spends on the check ({MAX_CHECK_NFE:,}); not measured")
+        return
     command = shlex.split(settings["command"])
     command[command.index("--eps") + 1] = repr(eps)
     out = os.path.join(run_dir, f"mlmc_observation_0_eps{eps:g}.json")
@@ -127,7 +136,6 @@ def prediction_check(run_dir: str) -> None:
         return
     with open(out) as f:
         measured = json.load(f)
-    predicted = next(r for r in rows if r["observation"] == 0 and r["eps"] == eps)
     print(f"  observation 0 at eps {eps:g}, predicted vs measured ({time.perf_counter() - tic:.0f} s, "
           f"{shlex.join(command)}):")
     print(f"    MLMC NFE      {predicted['mlmc_nfe']:>10,.0f}  {measured['nfe']:>10,.0f}")
