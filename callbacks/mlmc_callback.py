@@ -155,8 +155,8 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             return predict_complexity(result, self.complexity_eps, predict_eps=self.predict_eps, lmax=c.lmax,
                                       n0=c.n0, theta=c.theta, batch_size=c.batch_size, auto_lmin=c.lmin == "auto",
                                       replicates=self.bootstrap, seed=c.seed + i)
-        except InputError as e:
-            rank_zero_warn(f"MLMCCallback: no complexity prediction for observation {i}: {e}")
+        except (InputError, ArithmeticError, ValueError) as e:  # a diagnostic: it never stops training
+            rank_zero_warn(f"MLMCCallback: no complexity prediction for observation {i}: {type(e).__name__}: {e}")
             return None
 
     def _log_command(self, trainer, pl_module, y) -> None:

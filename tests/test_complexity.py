@@ -98,3 +98,21 @@ def test_a_result_without_level_moments_is_a_one_line_error(validation_run):
 
     with pytest.raises(InputError, match="no level moments"):
         predict_complexity(replace(validation_run, moments=[]))
+
+
+def test_levels_without_any_bias_still_give_a_prediction():
+    """Every coupled level exactly zero (P_l the same on every grid: no bias, no level variance), as a crude
+    network can produce at validation time: the prediction must not divide by the zero bias standard error
+    (it raised ZeroDivisionError inside a config's end-of-fit callback)."""
+
+    def flat(level, n, batch_index=0, rank=0):
+        g = torch.Generator().manual_seed(101 + 7919 * level + 31 * batch_index + rank)
+        p = MU + S * torch.randn(n, PIXELS, generator=g, dtype=torch.float64)
+        if level == 0:
+            return LevelSums.from_payoffs(p, None, int(n * cost(0)))
+        return LevelSums.from_payoffs(p, p.clone(), int(n * cost(level)))
+
+    run = mlmc(UserLevels(flat, M=2, lmin=0, pixels=PIXELS), 0.05, lmax=6, n0=20, theta=THETA)
+    p = predict_complexity(run, [0.05, 0.01], predict_eps=0.01, lmax=6, n0=20, theta=THETA, auto_lmin=False,
+                           replicates=2)
+    assert all(math.isfinite(r.nfe) and r.nfe > 0 for r in p.rows)

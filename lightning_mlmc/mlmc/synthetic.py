@@ -122,6 +122,8 @@ def weak_error_fit(moments: list[LevelMoments], lmin: int, M: int, alpha_default
     peak = max(range(len(est)), key=lambda i: est[i].value)
     lv = np.array([m.level for m in coupled[peak:]], dtype=float)
     d2 = np.array([e.value for e in est[peak:]])
+    if not d2.max() > 0.0:  # no level mean distinguishable from zero: no weak error to fit
+        return coupled[peak].level, 0.0, float(alpha_default)
     w = 1.0 / np.maximum(np.array([e.se for e in est[peak:]]), 1e-12 * max(d2.max(), 1e-300)) ** 2
     alphas = np.linspace(0.5, 1.0, 51) if len(lv) > 1 else np.array([alpha_default])
     best = None
@@ -146,7 +148,9 @@ def coherence(moments: list[LevelMoments], lmin: int, M: int, peak: int, c: floa
             continue
         b = bias_of_level(moments, m.level, tail)
         aligned2 = (c * M ** (-alpha * (m.level + 1)) / (1.0 - q)) ** 2
-        w = 1.0 / max(b.se, 1e-12 * max(aligned2, 1e-300)) ** 2
+        if aligned2 <= 0.0:  # fitted level means of zero (c = 0): the level says nothing about kappa
+            continue
+        w = 1.0 / max(b.se, 1e-12 * aligned2) ** 2
         num, den = num + w * b.value * aligned2, den + w * aligned2**2
     kappa2 = num / den if den > 0 else 1.0
     return math.sqrt(min(1.0, max((1.0 - q) / (1.0 + q), kappa2)))
