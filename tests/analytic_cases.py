@@ -3,7 +3,7 @@
 import os
 
 
-from lightning_mlmc.problems import AnalyticSpec, gaussian_inpaint_spec
+from lightning_mlmc.problems import AnalyticSpec, ExactPosteriorEps, gaussian_inpaint_spec
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
 
@@ -30,3 +30,16 @@ def gaussian3d() -> AnalyticSpec:
 def gaussian_inpaint(h: int = 3, w: int = 3) -> AnalyticSpec:
     """A single-Gaussian h x w image with a smooth prior; every other pixel observed."""
     return gaussian_inpaint_spec(h, w)
+
+
+class Counting(ExactPosteriorEps):
+    """The exact score, counting the calls and rows it is asked for."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.calls, self.rows = 0, 0
+
+    def forward(self, x, y, t):
+        self.calls += 1
+        self.rows += x.shape[0]
+        return super().forward(x, y, t)

@@ -6,24 +6,10 @@ import io
 import pytest
 import torch
 
-from lightning_mlmc import ExactPosteriorEps
 from lightning_mlmc.mlmc import MLMCConfig, SUM_NAMES, run_mlmc
 from lightning_mlmc.mlmc import engine
 from lightning_mlmc.progress import QUIET, TerminalProgress, for_terminal
-from tests.analytic_cases import gaussian_inpaint, inpaint4x4
-
-
-class Counting(ExactPosteriorEps):
-    """The exact score, counting the calls and rows it is asked for."""
-
-    def __init__(self, spec):
-        super().__init__(spec)
-        self.calls, self.rows = 0, 0
-
-    def forward(self, x, y, t):
-        self.calls += 1
-        self.rows += x.shape[0]
-        return super().forward(x, y, t)
+from tests.analytic_cases import Counting, gaussian_inpaint, inpaint4x4
 
 
 def _levels(spec, **kw):

@@ -17,22 +17,9 @@ from lightning_mlmc import ExactPosteriorEps
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.mlmc import MLMCConfig, PicardLevelSampler, engine, level_stats, run_mlmc
 from lightning_mlmc.mlmc.rounds import sample_levels
-from tests.analytic_cases import EXAMPLES, inpaint4x4
+from tests.analytic_cases import EXAMPLES, Counting, inpaint4x4
 
 SPEC = os.path.join(EXAMPLES, "inpaint4x4.json")
-
-
-class Counting(ExactPosteriorEps):
-    """The exact score, counting the calls and rows it is asked for."""
-
-    def __init__(self, spec):
-        super().__init__(spec)
-        self.calls, self.rows = 0, 0
-
-    def forward(self, x, y, t):
-        self.calls += 1
-        self.rows += x.shape[0]
-        return super().forward(x, y, t)
 
 
 def _pair(spec, seed=7, lmin=1, picard_seed=None, **picard):
