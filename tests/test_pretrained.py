@@ -36,13 +36,7 @@ from lightning_mlmc.sampling import NoiseSource, StartDistribution, observation_
 SHAPE = (1, 8, 8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models here run fastest on one thread (and share a busy CPU best)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
