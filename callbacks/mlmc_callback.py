@@ -35,8 +35,9 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
     checkpoint saved at that step (same batch size, hence the same noise streams, whatever the N_l).
 
     Logs (DESIGN.md section 7): ``mlmc/alpha``, ``beta``, ``gamma`` (means over observations), ``nfe``,
-    ``nfe_mc`` (totals), ``savings`` (total nfe_mc / total nfe), ``savings_same_grid``, ``rmse_bound``
-    (max), calibration against the validation truth (``psnr``, ``ssim``, ``coverage_1sd``,
+    ``nfe_mc`` (totals), ``savings`` (total nfe_mc / total nfe), ``savings_same_grid``, ``rmse_estimate``
+    (max: the RMSE each run certifies, at most eps when it converged) and ``rmse_bound`` (max: an upper
+    confidence bound, which may exceed eps), calibration against the validation truth (``psnr``, ``ssim``, ``coverage_1sd``,
     ``coverage_2sd``), the ``levels`` table, the ``convergence`` plots, the ``uq`` map and the ``zscore``
     histogram; what MLMC would buy at other eps, predicted from each run's levels by the driver's own rules
     (``lightning_mlmc.mlmc.complexity``): ``mlmc/predicted_savings`` at ``predict_eps`` (total predicted
@@ -143,6 +144,9 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         self.last_results = results
         if not trainer.is_global_zero:
             return {}
+        for i, r in enumerate(results):  # Giles' warnings, and a switch to plain MC, reach the console
+            for w in r.warnings + ([f"finished as plain MC at {r.mc_reason}"] if r.method == "mc" else []):
+                rank_zero_warn(f"MLMCCallback, observation {i}: {w}")
         self.last_predictions = [self.predict(r, i) for i, r in enumerate(results)]
         self._log_command(trainer, pl_module, y)
         return self._log(trainer, pl_module, truth, y, results)
@@ -201,6 +205,7 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             "mlmc/savings_same_grid": sum(r.nfe_mc_same_grid for r in results) / nfe,
             "mlmc/finished_as_mc": float(np.mean([r.method == "mc" for r in results])),
             "mlmc/rmse_bound": max(r.rmse_bound for r in results),
+            "mlmc/rmse_estimate": max(r.rmse_estimate for r in results),
             "mlmc/psnr": psnr(mean, truth),
             "mlmc/ssim": ssim(mean, truth) if truth.dim() == 4 else float("nan"),
             "mlmc/coverage_1sd": coverage(mean, std, truth, 1.0),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning_mlmc.cli.common import (
     add_problem_args,
     check_out,
@@ -117,22 +119,37 @@ def cmd_mlmc(args) -> int:
                 write_images(args.save_images, mlmc_pngs(levels.shape, config.payoff, data["estimate"]))
             if args.plots:
                 plot_levels(result.levels, args.plots, M=config.M)
+            for line in warning_lines(result):
+                print(line, file=sys.stderr, flush=True)
             print(summary_line(result, args.out), flush=True)
     if failure is not None:
         raise failure
     return 0
 
 
+def warning_lines(result) -> list[str]:
+    """Giles' warnings on the run's levels (kurtosis, consistency), what automatic Lmin passed over, and why the
+    run finished as plain MC: one ``warning:`` line each, for the console."""
+    lines = [f"warning: {w}" for w in result.warnings]
+    if result.method == "mc" and result.mc_reason:
+        lines.append(f"warning: finished as plain MC at {result.mc_reason}")
+    return lines
+
+
 def summary_line(result, out: str) -> str:
-    """The console line of a finished run: what it cost, what plain MC would have, and which method ran."""
-    how = (f"finished as plain MC ({result.mc_samples} samples x {result.mc_steps} steps: the pilot predicted it "
-           "cheaper than MLMC)" if result.method == "mc" else
+    """The console line of a finished run: what it cost, what plain MC would have, which method ran, and the
+    RMSE it certifies against eps (``converged`` means rmse estimate <= eps; the bound is an upper confidence
+    bound, which may exceed eps)."""
+    how = (f"finished as plain MC ({result.mc_samples} samples x {result.mc_steps} steps: predicted cheaper than "
+           "MLMC from there on)" if result.method == "mc" else
            f"MLMC levels {result.lmin}..{result.levels[-1].level}")
     return (f"estimate written to {out}: {how}; nfe {result.nfe:.0f}, plain MC would need {result.nfe_mc:.0f} "
             f"({result.mc_samples} x {result.mc_steps} steps): savings {result.savings:.2f}x "
             f"({result.savings_same_grid:.2f}x against plain MC on the finest grid); {result.sequential_calls} "
             f"sequential network calls in {result.rounds} rounds ({result.rows_per_call:.0f} rows a call; plain MC: "
-            f"{result.mc_sequential_calls}), rmse bound {result.rmse_bound:.3g}")
+            f"{result.mc_sequential_calls}); rmse estimate {result.rmse_estimate:.3g} "
+            f"{'<=' if result.rmse_estimate <= result.eps else '>'} eps {result.eps:.3g} "
+            f"(upper confidence bound {result.rmse_bound:.3g})")
 
 
 def rank() -> int:

@@ -10,16 +10,19 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
+from lightning_mlmc.mlmc.checks import (
+    CHECK_WARNING,
+    KURTOSIS_WARNING,
+    check_warning,
+    consistency_check,
+    kurtosis_warning,
+)
 from lightning_mlmc.mlmc.driver import mlmc
 from lightning_mlmc.mlmc.plan import fit_growth, fit_rate
 from lightning_mlmc.mlmc.levels import LevelFunction
 import lightning_mlmc.mlmc.engine as engine
 from lightning_mlmc.mlmc.rounds import sample_levels
 from lightning_mlmc.mlmc.sums import level_stats
-
-KURTOSIS_WARNING = 100.0  # Giles: above this the variance estimates of the finest level are unreliable
-CHECK_WARNING = 1.0  # Giles: above this E[P_f - P_c] and E[P_f] - E[P_c] disagree (a coupling error)
-
 
 @dataclass
 class ConvergenceRow:
@@ -76,18 +79,6 @@ class MLMCTestResult:
         return "\n".join(out)
 
 
-def consistency_check(prev, y1, f1, var_y, var_f, n: int) -> float:
-    """Giles' check |E[Pf - Pc] + E[P_(l-1)] - E[P_l]| / (3 (sd(Y_l) + sd(P_(l-1)) + sd(P_l)) / sqrt(N)), as the
-    RMS over pixels; ``prev`` is (E[P_(l-1)], V[P_(l-1)]) of the level below (None at Lmin: 0)."""
-    if prev is None:
-        return 0.0
-    pf1, pvar_f = prev
-    num = (y1 + pf1 - f1).abs()
-    den = 3.0 * (var_y.sqrt() + pvar_f.sqrt() + var_f.sqrt()) / math.sqrt(n)
-    ok = den > 0
-    return float((num[ok] / den[ok]).pow(2).mean().sqrt()) if ok.any() else 0.0
-
-
 def mlmc_test(levels: LevelFunction, finest: int, samples: int, eps_list=(), *, n0: int = 100, theta: float = 0.25,
               lmax: int = 10, batch_size: int = 1000, budget: int = engine.DEFAULT_ROW_BUDGET,
               progress=None) -> MLMCTestResult:
@@ -132,10 +123,8 @@ def mlmc_test(levels: LevelFunction, finest: int, samples: int, eps_list=(), *, 
 def _warnings(rows: list[ConvergenceRow]) -> list[str]:
     out = []
     if rows[-1].kurtosis > KURTOSIS_WARNING:
-        out.append(f"kurtosis on the finest level = {rows[-1].kurtosis:.3g}: its variance estimate is unreliable "
-                   "(heavy-tailed level differences)")
+        out.append(kurtosis_warning(rows[-1].level, rows[-1].kurtosis, "the finest level"))
     worst = max(rows, key=lambda r: r.check)
     if worst.check > CHECK_WARNING:
-        out.append(f"maximum consistency error = {worst.check:.3g} at level {worst.level}: E[P_l - P_(l-1)] and "
-                   "E[P_l] - E[P_(l-1)] disagree (a coupling or level-function error)")
+        out.append(check_warning(worst.level, worst.check))
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 
 from lightning_mlmc.mlmc.sums import LevelStats
@@ -30,7 +31,7 @@ class MLMCResult:
     nfe_mc: float
     savings: float
     eps: float
-    rmse_bound: float
+    rmse_bound: float  # an upper confidence bound on the RMSE (variances and bias two standard errors up)
     bias_estimate: float  # upper-confidence RMS bias of the estimate
     wall_seconds: float
     M: int
@@ -40,6 +41,8 @@ class MLMCResult:
     pilot_nfe: float = 0.0  # NFEs of the automatic-Lmin pilot not reused by the estimate (inside nfe)
     method: str = "mlmc"
     mc_level: int | None = None
+    mc_reason: str | None = None  # when and why the run switched to plain MC
+    rmse_estimate: float = math.nan  # the RMSE the driver certifies: converged means rmse_estimate <= eps
     mc_steps: int = 0
     mc_samples: int = 0
     mc_meets_eps: bool = True
@@ -51,6 +54,7 @@ class MLMCResult:
     mc_sequential_calls: int = 0  # the plain-MC alternative's, on the same engine with the same row budget
     world_size: int = 1
     scheme: dict = field(default_factory=dict)  # grid, coupling, sampler, ... of the level function
+    warnings: list = field(default_factory=list)  # Giles' kurtosis and consistency warnings on the levels
     moments: list = field(default_factory=list, repr=False)  # per-pixel LevelMoments of ``levels``
 
     def to_json(self) -> dict:

@@ -14,12 +14,19 @@ import os
 import torch
 
 from lightning_mlmc.errors import InputError
-from lightning_mlmc.mlmc.sums import LevelSums, is_rank_zero
+from lightning_mlmc.mlmc.sums import SUM_NAMES, LevelSums, is_rank_zero
 
 
 def fingerprint(**args) -> str:
     """A short hash of the arguments that define a run (a state file resumes only the same run)."""
     return hashlib.sha256(json.dumps(args, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _sums(d: dict) -> LevelSums:
+    """LevelSums from their saved form (a sum a state file of an older version lacks is zero)."""
+    sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in d["sums"].items()}
+    p = len(next(iter(sums.values())))
+    return LevelSums(d["n"], {k: sums.get(k, torch.zeros(p, dtype=torch.float64)) for k in SUM_NAMES}, d["calls"])
 
 
 class DriverState:
@@ -39,6 +46,7 @@ class DriverState:
         self.pending_plain: dict[int, int] = {}
         self.phase = "pilot"  # pilot -> mlmc or mc
         self.mc_level: int | None = None  # the level of a plain-MC finish
+        self.mc_reason: str | None = None  # when and why the run switched to it
         self.pilot_n = 0  # pilot samples per pilot level
         self.rounds = 0
         self.sequential_calls = 0  # batched network calls made one after another
@@ -58,7 +66,8 @@ class DriverState:
                              for l, s in sums.items()}
         data = {"fingerprint": self.fingerprint, "L": self.L, "lmin": self.lmin, "pilot_nfe": self.pilot_nfe,
                 "pilot_calls": self.pilot_calls, "pending": self.pending, "pending_plain": self.pending_plain,
-                "batches": self.batches, "phase": self.phase, "mc_level": self.mc_level, "pilot_n": self.pilot_n,
+                "batches": self.batches, "phase": self.phase, "mc_level": self.mc_level, "mc_reason": self.mc_reason,
+                "pilot_n": self.pilot_n,
                 "rounds": self.rounds, "sequential_calls": self.sequential_calls, "round": self.round,
                 "round_done": dump(self.round_done),
                 "levels": dump(self.sums), "plain": dump(self.plain)}
@@ -97,13 +106,12 @@ class DriverState:
         self.L, self.lmin = data["L"], data.get("lmin")
         self.pilot_nfe, self.pilot_calls = float(data.get("pilot_nfe", 0.0)), int(data.get("pilot_calls", 0))
         ints = lambda d: {int(k): int(v) for k, v in d.items()}  # noqa: E731
-        load = lambda sums: {int(l): LevelSums(d["n"], {k: torch.tensor(v, dtype=torch.float64)  # noqa: E731
-                                                         for k, v in d["sums"].items()}, d["calls"])
-                             for l, d in sums.items()}
+        load = lambda sums: {int(l): _sums(d) for l, d in sums.items()}  # noqa: E731
         self.pending, self.pending_plain = ints(data["pending"]), ints(data.get("pending_plain", {}))
         self.batches = ints(data["batches"])
         self.sums, self.plain = load(data["levels"]), load(data.get("plain", {}))
         self.phase, self.mc_level = data.get("phase", "pilot"), data.get("mc_level")
+        self.mc_reason = data.get("mc_reason")
         self.pilot_n, self.rounds = data.get("pilot_n", 0), data.get("rounds", 0)
         self.sequential_calls = data.get("sequential_calls", 0)
         self.round, self.round_done = data.get("round", []), load(data.get("round_done", {}))

@@ -12,12 +12,14 @@ from dataclasses import dataclass
 import torch
 
 Tensor = torch.Tensor
-SUM_NAMES = ("y1", "y2", "y3", "y4", "f1", "f2", "c1", "c2")
+SUM_NAMES = ("y1", "y2", "y3", "y4", "f1", "f2", "c1", "c2", "nz")
 
 
 @dataclass
 class LevelSums:
-    """Per-pixel sums over samples of Y = P_f - P_c (powers 1-4), of P_f and P_c (powers 1-2), with costs.
+    """Per-pixel sums over samples of Y = P_f - P_c (powers 1-4), of P_f and P_c (powers 1-2), the count of
+    samples whose Y is not zero (``nz``: a discontinuous payoff's level differences are mostly exactly zero, and
+    a variance resting on one or two of them cannot be trusted), with costs.
 
     Attributes:
         n: samples summed.
@@ -45,7 +47,8 @@ class LevelSums:
         y = pf if pc is None else pf - pc
         pc = torch.zeros_like(pf) if pc is None else pc
         s = {"y1": y.sum(0), "y2": (y**2).sum(0), "y3": (y**3).sum(0), "y4": (y**4).sum(0),
-             "f1": pf.sum(0), "f2": (pf**2).sum(0), "c1": pc.sum(0), "c2": (pc**2).sum(0)}
+             "f1": pf.sum(0), "f2": (pf**2).sum(0), "c1": pc.sum(0), "c2": (pc**2).sum(0),
+             "nz": (y != 0).sum(0).to(y.dtype)}
         return cls(pf.shape[0], s, calls)
 
     @property
@@ -69,6 +72,9 @@ class LevelStats:
     calls: int  # network evaluations counted
     mean_debiased: float = math.nan  # sqrt(mean over pixels of E[Y_l]^2) without the noise floor V_l / N_l
     var_plain: float = math.nan  # V[P_l] pooled over every path with P_l's law (fine of l, coarse of l + 1)
+    nonzero: float = math.nan  # samples whose Y_l is not exactly zero (pixel mean)
+    check: float = 0.0  # Giles' consistency check against the level below (RMS over pixels)
+    floored: bool = False  # no variation seen: the driver used Giles' floors for its mean and variance
 
 
 def level_stats(level: int, s: LevelSums, cost: float) -> LevelStats:
@@ -81,7 +87,8 @@ def level_stats(level: int, s: LevelSums, cost: float) -> LevelStats:
     ok = var > 1e-300
     kurt = float((central4[ok] / var[ok] ** 2).mean()) if ok.any() else 0.0
     return LevelStats(level, s.n, float(m1.pow(2).mean().sqrt()), float(var.mean()), cost,
-                      float(f1.pow(2).mean().sqrt()), float((f2 - f1**2).clamp_min(0).mean()), kurt, s.calls)
+                      float(f1.pow(2).mean().sqrt()), float((f2 - f1**2).clamp_min(0).mean()), kurt, s.calls,
+                      nonzero=float(s.sums["nz"].mean()))
 
 
 # ----------------------------------------------------------------------------------------------

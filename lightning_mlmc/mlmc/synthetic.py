@@ -91,7 +91,8 @@ class SyntheticLevels:
         k2, k34 = (n - 1) / (m - 1), n / m
         syy, sy3, sy4 = k2 * dy.pow(2).sum(0), k34 * dy.pow(3).sum(0), k34 * dy.pow(4).sum(0)
         sums = {"y1": n * ybar, "y2": syy + n * ybar**2, "y3": sy3 + 3 * ybar * syy + n * ybar**3,
-                "y4": sy4 + 4 * ybar * sy3 + 6 * ybar**2 * syy + n * ybar**4}
+                "y4": sy4 + 4 * ybar * sy3 + 6 * ybar**2 * syy + n * ybar**4,
+                "nz": torch.full_like(ybar, float(n))}  # Gaussian differences: none is exactly zero
         if dc is None:
             sums.update(f1=sums["y1"], f2=sums["y2"], c1=torch.zeros_like(ybar), c2=torch.zeros_like(ybar))
         else:
