@@ -105,16 +105,17 @@ def test_savings_name_the_cheapest_plain_mc_and_never_exceed_the_same_grid_figur
 
 
 def test_a_loose_eps_finishes_as_plain_mc_and_says_so():
-    """Where plain MC needs a few hundred one-step samples (GBM at eps 1), the pilot predicts it cheaper than
-    MLMC: the run finishes as plain MC at a level below the finest sampled one, reusing every path of that
-    level's law (the fine paths of the level, the coarse paths of the next), says so, and costs the pilot
-    plus the plain samples it still needed (sized with the bias one standard error up, so up to a few times
+    """Where plain MC needs a hundred one-step samples (GBM at eps 1.5), the pilot predicts it cheaper than
+    MLMC: the run finishes as plain MC at a level below the finest sampled one with fresh samples (the pilot's
+    paths of that level's law decided the switch, and reusing them biases the estimate), says so and why, and
+    costs the pilot plus the plain samples (sized with the bias one standard error up, so up to a few times
     the honest figure's, which uses the point estimate); the errors stay within the reported bound."""
     from lightning_mlmc.cli.mlmc_cmd import summary_line
 
     for seed in range(4):
         g = GBMCall(seed=seed)
-        r = mlmc(g, 1.0, n0=1000)
+        r = mlmc(g, 1.5, n0=1000)
+        assert r.mc_reason.startswith("round ") and "plain MC with 1 steps" in r.mc_reason
         assert r.method == "mc" and r.mc_level < r.levels[-1].level
         assert abs(r.estimate[0] - g.exact) <= 3 * r.rmse_bound
         pilot = sum(lv.n_samples * lv.cost for lv in r.levels)

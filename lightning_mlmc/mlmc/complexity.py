@@ -127,7 +127,7 @@ def _auto_pilot(laws, lmin: int, M: int, eps: float, n0: int, theta: float, batc
         else:  # only counted (``unused_cost``)
             pilot[level] = LevelSums(n, LevelSums.zeros(pixels).sums, int(n * level_cost(M, level, 0)))
     calls = sum(M**l * math.ceil(n / batch_size) for l in pilot) * (2 if grown else 1)
-    return LminChoice(lmin, top, {}, pilot, batches, M), float(calls)
+    return LminChoice(lmin, top, {}, pilot, batches, M, n=n), float(calls)
 
 
 def predict_run(laws, lmin: int, M: int, eps: float, *, lmax: int, n0: int, theta: float, batch_size: int,

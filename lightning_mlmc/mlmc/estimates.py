@@ -11,7 +11,7 @@ errors of the squared estimate), so that a test neither passes on a lucky draw n
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -33,6 +33,21 @@ class LevelMoments:
     coarse_sum: Tensor  # sums of P_(l-1) and its square over the coarse paths (zero at Lmin)
     coarse_sq: Tensor
     kurtosis: float  # pixel-averaged sample kurtosis of Y_l
+    nonzero: float = math.inf  # pixel-averaged count of samples whose Y_l is not exactly zero
+    floored: bool = False  # mean and var raised to Giles' floors (``floor_untrusted``): the level is not trusted
+
+
+MIN_NONZERO = 2  # a level whose variance rests on fewer nonzero differences shows (nearly) no variation
+NORMAL_NONZERO = 10  # a level mean over fewer nonzero differences is far from normal (see ``near_normal``)
+
+
+def shows_variation(m: LevelMoments) -> bool:
+    """Whether a level's sample variance rests on at least ``MIN_NONZERO`` nonzero differences per pixel.
+
+    A discontinuous payoff (a digital option, an indicator) makes most level differences exactly zero: a
+    pilot of a few dozen samples often sees none or one, and its mean and variance (zero) say nothing about
+    the level. Continuous payoffs are nonzero on every sample."""
+    return m.nonzero >= MIN_NONZERO
 
 
 def sizing_variance(m: "LevelMoments") -> float:
@@ -41,6 +56,14 @@ def sizing_variance(m: "LevelMoments") -> float:
     is often half the truth), so a level with few samples gets more until its variance is known."""
     var = float(m.var.mean())
     return var * (1.0 + math.sqrt(max(m.kurtosis, 3.0) - 1.0) / math.sqrt(max(m.n, 1)))
+
+
+def near_normal(m: LevelMoments) -> bool:
+    """Whether a level's mean rests on at least ``NORMAL_NONZERO`` nonzero differences per pixel: a sum of
+    fewer rare jumps (a discontinuous payoff's fine levels) is far from normal, so two standard errors are no
+    confidence bound for it and its logarithm says little about the weak rate; such a level's mean neither
+    fails the bias test on its own nor enters the fit of alpha (it still counts in the pooled bias)."""
+    return m.nonzero >= NORMAL_NONZERO
 
 
 def level_moments(level: int, s: LevelSums) -> LevelMoments:
@@ -52,7 +75,44 @@ def level_moments(level: int, s: LevelSums) -> LevelMoments:
     central4 = m4 - 4 * m3 * mean + 6 * m2 * mean**2 - 3 * mean**4
     ok = central2 > 1e-300
     kurt = float((central4[ok] / central2[ok] ** 2).mean()) if ok.any() else 3.0
-    return LevelMoments(level, s.n, mean, var, s.sums["f1"], s.sums["f2"], s.sums["c1"], s.sums["c2"], kurt)
+    return LevelMoments(level, s.n, mean, var, s.sums["f1"], s.sums["f2"], s.sums["c1"], s.sums["c2"], kurt,
+                        float(s.sums["nz"].mean()))
+
+
+def floor_untrusted(moments: list[LevelMoments], lmin: int, M: int, alpha: float, beta: float) -> list[LevelMoments]:
+    """Giles' floors for the coupled levels that show (nearly) no variation (``shows_variation``).
+
+    Giles' drivers (mlmc.m, pymlmc) set ``ml[l] = max(ml[l], 0.5 ml[l-1] / M^alpha)`` and
+    ``Vl[l] = max(Vl[l], 0.5 Vl[l-1] / M^beta)`` "to cope with possible zero values ... when there are few
+    samples". Here a level without variation gets its per-pixel mean from its nearest trusted coupled
+    neighbour scaled by the fitted rates and halved (from below: 0.5 mean_(l-1) / M^alpha, as Giles; from above,
+    when the level below is not trusted either: 0.5 mean_(l+1) M^alpha), unless its own is larger in RMS, and
+    its per-pixel variance likewise (with beta). A level with no trusted coupled neighbour keeps its values;
+    the driver must then sample it further before the bias test may pass (``untrusted``)."""
+    by = {m.level: m for m in moments}
+    out = dict(by)
+    coupled = [m.level for m in moments if m.level > lmin]
+    for level in coupled:  # from below first, in order, so a floored level floors the next one (Giles)
+        m = by[level]
+        if shows_variation(m):
+            continue
+        below = out.get(level - 1) if level - 1 > lmin else None
+        above = next((by[l] for l in coupled if l > level and shows_variation(by[l])), None)
+        if below is not None and (shows_variation(below) or below.floored):
+            ref, scale_m, scale_v = below, 0.5 / M**alpha, 0.5 / M**beta
+        elif above is not None:
+            k = above.level - level
+            ref, scale_m, scale_v = above, 0.5 * M ** (k * alpha), 0.5 * M ** (k * beta)
+        else:
+            continue
+        mean = m.mean if float(m.mean.pow(2).mean()) >= scale_m**2 * float(ref.mean.pow(2).mean()) else scale_m * ref.mean
+        out[level] = replace(m, mean=mean, var=torch.maximum(m.var, scale_v * ref.var), floored=True)
+    return [out[m.level] for m in moments]
+
+
+def untrusted(moments: list[LevelMoments], lmin: int) -> list[LevelMoments]:
+    """The coupled levels that show (nearly) no variation (floored or not)."""
+    return [m for m in moments if m.level > lmin and not shows_variation(m)]
 
 
 @dataclass(frozen=True)
@@ -179,17 +239,18 @@ def plain_mc_alternative(moments: list[LevelMoments], lmin: int, M: int, eps: fl
     V[P_l] / (eps^2 - B_l^2) with B_l^2 the squared bias of P_l (each level its own bias/variance split), up
     to level ``finest`` (default: all). B_l^2 is the point estimate (noise floor removed) for the honest
     comparison, which must not favour MLMC, and one standard error above it when ``cautious`` (a plain-MC
-    finish that has to meet eps itself). When none meets eps, the finest level is returned with
-    ``meets_eps`` False."""
+    finish that has to meet eps itself), the extrapolated tail's uncertainty from alpha's included as in
+    MLMC's own bias test. When none meets eps, the finest level is returned with ``meets_eps`` False."""
     tail = remaining_bias_weights(moments, lmin, M, alpha, alpha_se=alpha_se)
+    rel = tail_relative_sd(M, alpha, alpha_se) if cautious else 0.0
     best, fallback = None, None
     for m in moments:
         if finest is not None and m.level > finest:
             break
-        var, _ = pooled_plain_variance(moments, m.level, lmin)
-        if not math.isfinite(var):
-            continue
-        bias = bias_of_level(moments, m.level, tail)
+        var, n = pooled_plain_variance(moments, m.level, lmin)
+        if not math.isfinite(var) or (cautious and n * m.mean.numel() < RELIABLE_VALUES):
+            continue  # a finish sized from the variance of a few samples would run short (or far too long)
+        bias = bias_of_level(moments, m.level, tail, rel)
         b2 = bias.upper if cautious else bias.value
         steps = steps_of(m.level) if steps_of else M**m.level
         room = eps**2 - b2
@@ -204,6 +265,7 @@ def plain_mc_alternative(moments: list[LevelMoments], lmin: int, M: int, eps: fl
     return best or fallback
 
 
+RELIABLE_VALUES = 32  # values (samples x pixels) a variance needs to size a plain-MC finish (about 25% error)
 COUPLING_PAYS = 0.25  # V_l below this share of V[P_l]: the coupling works (the first asymptotic level)
 
 

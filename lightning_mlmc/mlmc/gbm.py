@@ -1,6 +1,9 @@
-"""Giles' classic MLMC test problem, a level function that is not a diffusion model: a European call on
-geometric Brownian motion, dS = r S dt + sigma S dW, discretised by Euler-Maruyama with M^l steps (Giles,
-"Multilevel Monte Carlo path simulation", Oper. Res. 2008, section 5), with its exact Black-Scholes price.
+"""Giles' classic MLMC test problems, level functions that are not diffusion models: options on geometric
+Brownian motion, dS = r S dt + sigma S dW, discretised by Euler-Maruyama with M^l steps (Giles, "Multilevel
+Monte Carlo path simulation", Oper. Res. 2008, section 5), with their exact Black-Scholes prices: the European
+call (``GBMCall``, a Lipschitz payoff: V_l ~ M^-l) and the digital call (``GBMDigital``, the payoff 1{S_T > K}:
+a discontinuous payoff whose level differences are exactly zero on most paths, V_l ~ M^(-l/2), and whose
+kurtosis grows like M^(l/2); Giles treats it in the same paper).
 
 The coarse path of a level takes the sum of each M fine Brownian increments, so it has exactly the law of
 the previous level's fine path; the cost of a sample is its fine time steps, M^l (Giles' convention).
@@ -17,17 +20,27 @@ from lightning_mlmc.mlmc.sums import LevelSums
 from lightning_mlmc.sampling import derive_seed
 
 
+def _normal_cdf(x: float) -> float:
+    return 0.5 * math.erfc(-x / math.sqrt(2.0))
+
+
 def black_scholes_call(S0: float, K: float, r: float, sigma: float, T: float) -> float:
     """The exact price exp(-rT) E[max(S_T - K, 0)] of a European call on geometric Brownian motion."""
     d1 = (math.log(S0 / K) + (r + 0.5 * sigma**2) * T) / (sigma * math.sqrt(T))
     d2 = d1 - sigma * math.sqrt(T)
-    cdf = lambda x: 0.5 * math.erfc(-x / math.sqrt(2.0))  # noqa: E731
-    return S0 * cdf(d1) - K * math.exp(-r * T) * cdf(d2)
+    return S0 * _normal_cdf(d1) - K * math.exp(-r * T) * _normal_cdf(d2)
+
+
+def black_scholes_digital(S0: float, K: float, r: float, sigma: float, T: float) -> float:
+    """The exact price exp(-rT) P(S_T > K) = exp(-rT) N(d2) of a digital (cash-or-nothing) call."""
+    d2 = (math.log(S0 / K) + (r - 0.5 * sigma**2) * T) / (sigma * math.sqrt(T))
+    return math.exp(-r * T) * _normal_cdf(d2)
 
 
 @dataclass(frozen=True)
 class GBMCall:
-    """MLMC levels of the discounted call payoff (a ``LevelFunction``: M, lmin, pixels, cost, call)."""
+    """MLMC levels of the discounted call payoff (a ``LevelFunction``: M, lmin, pixels, cost, call); the
+    payoff is ``payoff``, the exact price ``exact``."""
 
     M: int = 4
     lmin: int = 0
@@ -42,6 +55,10 @@ class GBMCall:
     @property
     def exact(self) -> float:
         return black_scholes_call(self.S0, self.K, self.r, self.sigma, self.T)
+
+    def payoff(self, s: torch.Tensor) -> torch.Tensor:
+        """The undiscounted payoff of terminal values ``s``."""
+        return (s - self.K).clamp_min(0.0)
 
     def cost(self, level: int) -> float:
         return float(self.M**level)
@@ -65,6 +82,20 @@ class GBMCall:
             if level > 0:
                 xc = xc + self.r * xc * M * hf + self.sigma * xc * dw.sum(1)
         discount = math.exp(-self.r * self.T)
-        pf = discount * (xf - self.K).clamp_min(0.0)
-        pc = discount * (xc - self.K).clamp_min(0.0) if level > 0 else None
+        pf = discount * self.payoff(xf)
+        pc = discount * self.payoff(xc) if level > 0 else None
         return LevelSums.from_payoffs(pf[:, None], None if pc is None else pc[:, None], n * nf)
+
+
+@dataclass(frozen=True)
+class GBMDigital(GBMCall):
+    """MLMC levels of the discounted digital call exp(-rT) 1{S_T > K}, Euler-Maruyama as ``GBMCall``: a
+    discontinuous payoff (the fine and coarse paths' payoffs differ only where they straddle K, on a fraction
+    of order M^(-l/2) of the paths), with the exact price ``black_scholes_digital``."""
+
+    @property
+    def exact(self) -> float:
+        return black_scholes_digital(self.S0, self.K, self.r, self.sigma, self.T)
+
+    def payoff(self, s: torch.Tensor) -> torch.Tensor:
+        return (s > self.K).to(s.dtype)

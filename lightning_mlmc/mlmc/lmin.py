@@ -4,12 +4,13 @@ the driver runs, from a coupled pilot that the driver then reuses)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.mlmc.levels import level_cost
 import lightning_mlmc.mlmc.engine as engine
 from lightning_mlmc.mlmc.rounds import sample_levels
+from lightning_mlmc.mlmc.checks import KURTOSIS_WARNING
 from lightning_mlmc.mlmc.sums import LevelSums, level_stats
 
 
@@ -25,6 +26,8 @@ class LminChoice:
     M: int = 2
     rounds: int = 0  # engine rounds the pilot took
     sequential_calls: int = 0  # network calls made one after another
+    excluded: dict = field(default_factory=dict)  # candidate -> why it was not chosen (Giles' kurtosis check)
+    n: int = 0  # the pilot's samples per level before the kurtosis check grew the candidate's levels
 
     def unused_cost(self) -> tuple[float, int]:
         """(NFEs by the cost formula, network calls counted) of the pilot levels at or below Lmin: the part
@@ -38,6 +41,8 @@ class LminChoice:
 
 
 FIRST_CLIMB = 3  # levels the climb samples in its first round
+KURTOSIS_PILOT = 128  # samples a pilot level needs before its kurtosis can show Giles' threshold (a sample
+# kurtosis of n values is at most about n - 2)
 
 
 def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: float = 0.25, eps: float | None = None,
@@ -53,7 +58,11 @@ def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: flo
     cheap one. Every candidate c below the top whose next level already has V_(c+1) < V[P_(c+1)] (the seed
     authors' rule: start where the corrections are cheaper than the samples) is scored by that predicted
     cost, sqrt(V[P_c] C_c) + sum_(l > c) sqrt(V_l C_l) with C_c = M^c and C_l = M^l + M^(l-1); the
-    cheapest wins. ``levels`` must offer ``with_lmin`` (a ``CoupledLevelSampler``); it is not changed.
+    cheapest wins, unless Giles' kurtosis check rejects it: its own level and the coupled level above get at
+    least ``KURTOSIS_PILOT`` samples (a smaller sample cannot show a kurtosis above 100), and a candidate
+    whose levels show a kurtosis above ``KURTOSIS_WARNING`` (a variance estimate that cannot be trusted: the
+    coarse sampler's rare outliers) is passed over for the next cheapest (``excluded`` says why).
+    ``levels`` must offer ``with_lmin`` (a ``CoupledLevelSampler``); it is not changed.
     """
     if n < 2:
         raise InputError(f"n0: expected at least 2 pilot samples, got {n}")
@@ -90,11 +99,29 @@ def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: flo
         if target >= 1.5 * n:  # grow the pilot once, then choose again
             draw({l: target - n for l in pilot})
             lmin, predicted = _select(pilot, M)
-    return LminChoice(lmin, max(pilot), predicted, pilot, batches, M, rounds, calls)
+            n = target
+    # Giles' kurtosis check on the levels the choice rests on: the candidate's own level and the first coupled
+    # level above it; a pilot too small to see a kurtosis above the threshold grows there first.
+    excluded: dict[int, str] = {}
+    while lmin in predicted:
+        check = [l for l in (lmin, lmin + 1) if l in pilot]
+        short = {l: KURTOSIS_PILOT - pilot[l].n for l in check if pilot[l].n < KURTOSIS_PILOT}
+        if short:
+            draw(short)
+            lmin, predicted = _select(pilot, M, excluded)
+            continue
+        heavy = {l: level_stats(l, pilot[l], 0.0).kurtosis for l in check}
+        heavy = {l: k for l, k in heavy.items() if k > KURTOSIS_WARNING}
+        if not heavy:
+            break
+        excluded[lmin] = "; ".join(f"kurtosis {k:.3g} at level {l}" for l, k in heavy.items())
+        lmin, predicted = _select(pilot, M, excluded)
+    return LminChoice(lmin, max(pilot), predicted, pilot, batches, M, rounds, calls, excluded, n)
 
 
-def _select(pilot: dict[int, LevelSums], M: int) -> tuple[int, dict[int, float]]:
-    """The candidate Lmin of least predicted cost (see ``choose_lmin``) and every candidate's score."""
+def _select(pilot: dict[int, LevelSums], M: int, excluded=()) -> tuple[int, dict[int, float]]:
+    """The candidate Lmin of least predicted cost (see ``choose_lmin``), none of ``excluded``, and every such
+    candidate's score; the top pilot level when no candidate is left."""
     var_fine, var_diff = {}, {}
     for level, sums in pilot.items():
         st = level_stats(level, sums, 0.0)
@@ -104,12 +131,14 @@ def _select(pilot: dict[int, LevelSums], M: int) -> tuple[int, dict[int, float]]
     top = max(pilot)
     predicted = {}
     for c in range(0, top):
-        if not var_diff[c + 1] < var_fine[c + 1]:
+        if c in excluded or not var_diff[c + 1] < var_fine[c + 1]:
             continue
         cost = math.sqrt(var_fine[c] * level_cost(M, c, c))
         cost += sum(math.sqrt(var_diff[l] * level_cost(M, l, c)) for l in range(c + 1, top + 1))
         predicted[c] = cost
-    return (min(predicted, key=predicted.get) if predicted else top - 1), predicted
+    if not predicted:
+        return (top if excluded else top - 1), predicted
+    return min(predicted, key=predicted.get), predicted
 
 
 def pilot_sums(choice: LminChoice) -> dict[int, LevelSums]:

@@ -33,12 +33,13 @@ class Rates:
     resolved: bool = True  # alpha was fitted on at least two levels past the largest mean (or given)
 
 
-def fit_rate(levels: list[int], values: list[float], M: int) -> float:
-    """-slope of log_M(values) against level, floored at 0.5 as in Giles' code."""
+def fit_rate(levels: list[int], values: list[float], M: int, weights=None) -> float:
+    """-slope of log_M(values) against level (weighted least squares with ``weights``, 1 / sd of each log),
+    floored at 0.5 as in Giles' code."""
     v = np.maximum(np.asarray(values, dtype=float), 1e-300)
     if len(levels) < 2:
         return 0.5
-    slope = np.polyfit(np.asarray(levels, dtype=float), np.log(v) / np.log(M), 1)[0]
+    slope = np.polyfit(np.asarray(levels, dtype=float), np.log(v) / np.log(M), 1, w=weights)[0]
     return float(max(0.5, -slope))
 
 
@@ -69,8 +70,10 @@ def fit_rates(moments: list[LevelMoments], lmin: int, M: int, cost, alpha0=None,
     if alpha0 is None:
         peak = max(range(len(means)), key=lambda i: means[i]) if means else 0
         points = list(zip(lv, means))[peak:]
-        if len(points) >= 2:
-            alpha = min(MAX_ALPHA, fit_rate([p[0] for p in points], [p[1] for p in points], M))
+        if len(points) >= 2:  # weighted by the precision of each log mean (sparse levels' are poor)
+            sd = _log_sd(points, {m.level: m for m in coupled}, M)
+            alpha = min(MAX_ALPHA, fit_rate([p[0] for p in points], [p[1] for p in points], M,
+                                            weights=1.0 / np.maximum(sd, 0.01)))
             alpha_se = _slope_se(points, {m.level: m for m in coupled}, M)
         else:
             alpha, alpha_se, resolved = MAX_ALPHA, 0.5, False
@@ -79,12 +82,18 @@ def fit_rates(moments: list[LevelMoments], lmin: int, M: int, cost, alpha0=None,
     return Rates(alpha, beta, gamma, alpha_se, resolved)
 
 
+def _log_sd(points: list[tuple[int, float]], by_level: dict, M: int) -> np.ndarray:
+    """sd of log_M of each level mean (the delta method: se / (m ln M)), at most 1 (a relative error above 1
+    says no more than 1 does)."""
+    return np.array([min(1.0, math.sqrt(float(by_level[l].var.mean()) / by_level[l].n) / max(m, 1e-300))
+                     / math.log(M) for l, m in points])
+
+
 def _slope_se(points: list[tuple[int, float]], by_level: dict, M: int) -> float:
     """Standard error of the least-squares slope of log_M |E[Y_l]| on l, from each mean's standard error
     (the delta method: sd(log_M m) = se / (m ln M))."""
     x = np.array([p[0] for p in points], dtype=float)
-    sd = np.array([min(1.0, math.sqrt(float(by_level[l].var.mean()) / by_level[l].n) / max(m, 1e-300))
-                   / math.log(M) for l, m in points])  # a relative error above 1 says no more than 1 does
+    sd = _log_sd(points, by_level, M)
     dx = x - x.mean()
     return float(min(0.5, math.sqrt(((dx / (dx**2).sum()) ** 2 * sd**2).sum())))
 
@@ -137,20 +146,20 @@ MAX_JUMP = 2  # levels a plan may add at once (the extrapolation is only as good
 
 
 def plan(moments: list[LevelMoments], lmin: int, M: int, cost, eps: float, theta: float, rates: Rates, lmax: int,
-         floor: int = 0, min_L: int = 0) -> Plan:
+         floor: int = 0, min_L: int = 0, jump: int = MAX_JUMP) -> Plan:
     """The predicted cheapest MLMC run from here: over L from the finest sampled level Ls to lmax, the
     squared bias B_L^2 = B_Ls^2 M^(-2 alpha (L - Ls)) (extrapolated; at most theta eps^2) leaves the variance
     budget eps^2 - B_L^2, whose optimal N_l cost (sum_l sqrt(V_l C_l))^2 / budget, with V_l extrapolated by
     beta above the sampled levels; the L of least cost wins (a finer L buys variance budget with cost).
     ``floor``: the fewest samples a level not yet sampled gets (its mean and V_l must be estimable);
-    ``min_L``: the coarsest L considered."""
+    ``min_L``: the coarsest L considered; ``jump``: how many levels past it at most."""
     Ls = moments[-1].level
     tail = remaining_bias_weights(moments, lmin, M, rates.alpha, alpha_se=rates.alpha_se)
     b2 = bias_of_level(moments, Ls, tail).value if tail else eps**2  # the most likely L; the test decides
     var = level_variances(moments, lmin, M)
     last = max(var) if var else lmin
     best = None
-    top = min(lmax, max(Ls, min_L) + MAX_JUMP)
+    top = min(lmax, max(Ls, min_L) + jump)
     for L in range(min(max(Ls, min_L), lmax), top + 1):
         bias2 = b2 * M ** (-2 * rates.alpha * (L - Ls))
         if bias2 > theta * eps**2 and L < top:
