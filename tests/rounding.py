@@ -72,25 +72,29 @@ def path_relative_tolerance(steps: int, ops_per_step: float, dtype=torch.float64
     return 2 * unit_roundoff(dtype) * steps * ops_per_step
 
 
+def _array(values) -> np.ndarray:
+    if torch.is_tensor(values):
+        return values.detach().cpu().double().numpy()
+    return np.asarray(values, dtype=np.float64)
+
+
 def assert_agree_to_rounding(actual, expected, rel: float, *, scale: float | None = None, what: str = "values"):
     """``actual`` and ``expected`` (lists, arrays or tensors of one shape) differ by at most ``rel * scale`` in
-    every component; ``scale`` defaults to the largest |component| of the two. Says by how much otherwise."""
-    a = np.asarray(torch.as_tensor(actual).detach().cpu().double().numpy() if torch.is_tensor(actual) else actual,
-                   dtype=np.float64)
-    b = np.asarray(torch.as_tensor(expected).detach().cpu().double().numpy() if torch.is_tensor(expected)
-                   else expected, dtype=np.float64)
+    every component; ``scale`` defaults to the largest |component| of the two. Says by how much otherwise, and
+    returns (largest difference, tolerance)."""
+    a, b = _array(actual), _array(expected)
     assert a.shape == b.shape, f"{what}: shapes differ, {a.shape} vs {b.shape}"
     assert np.isfinite(a).all() and np.isfinite(b).all(), f"{what}: non-finite values"
     if scale is None:
         scale = float(max(np.abs(a).max(initial=0.0), np.abs(b).max(initial=0.0)))
     tol = rel * scale
     diff = np.abs(a - b)
-    worst = int(diff.argmax()) if diff.size else 0
-    assert diff.size == 0 or diff.max() <= tol, (
-        f"{what} differ by more than float rounding: |{float(a.flat[worst])!r} - {float(b.flat[worst])!r}| = "
-        f"{diff.max():.3g} "
-        f"at component {worst} > tolerance {tol:.3g} (relative {rel:.3g} x scale {scale:.3g}; "
-        f"{int((diff > tol).sum())} of {diff.size} components out)")
+    if diff.size and diff.max() > tol:
+        i = int(diff.argmax())
+        raise AssertionError(
+            f"{what} differ by more than float rounding: |{float(a.flat[i])!r} - {float(b.flat[i])!r}| = "
+            f"{diff.max():.3g} at component {i} > tolerance {tol:.3g} (relative {rel:.3g} x scale {scale:.3g}; "
+            f"{int((diff > tol).sum())} of {diff.size} components out)")
     return float(diff.max(initial=0.0)), tol
 
 

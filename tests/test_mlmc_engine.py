@@ -24,7 +24,7 @@ def test_batches_of_every_level_together_give_each_batchs_own_sums():
     """Six batches of four levels (coupled and plain, different sizes and streams) in one engine run equal the
     batches run alone, to float rounding (tests/rounding.py: the exact score sees other rows in the same call,
     and its batched linear algebra may round the last bit differently by batch shape): the paths within
-    S c u of their scale, the payoff sums f1 and c1 (x^2 >= 0) within the tolerance of a one-level estimate;
+    2 S c u of their scale, the payoff sums f1 and c1 (x^2 >= 0) within the tolerance of a one-level estimate;
     the calls fall from the sum of the paths' steps to the longest path's."""
     spec = inpaint4x4()
     _, levels, model = _levels(spec)
