@@ -90,6 +90,8 @@ def test_the_configuration_is_logged_as_the_cli_builds_it(fitted):
 
 
 def test_the_printed_command_reproduces_observation_0_bit_for_bit(fitted, capsys):
+    """Bit for bit, not to rounding: the command carries every option (the row budget too), so the CLI run
+    makes the same network calls on the same batch shapes, in this process, on the same threads."""
     tmp, trainer, cb, run_file = fitted
     res = cb.last_results[0]
     assert min(lv.n_samples for lv in res.levels) > cb.config.batch_size  # several noise streams a level

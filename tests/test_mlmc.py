@@ -10,7 +10,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from tests.analytic_cases import EXAMPLES, bimodal2d, gaussian3d, gaussian_inpaint
+from tests.analytic_cases import EXAMPLES, Counting, bimodal2d, gaussian3d, gaussian_inpaint
+from tests.rounding import assert_agree_to_rounding, exact_score_ops, mlmc_relative_tolerance
 
 from lightning_mlmc import ExactPosteriorEps, InputError, TimeGrid, WeakConvergenceFailure, exact_posterior
 from lightning_mlmc.diffusion import step_coefficients
@@ -143,31 +144,59 @@ def test_every_grid_keeps_the_rmse_guarantee_and_the_bound_covers(grid):
     assert rmse <= rmse_bound_factor(20) * mean_bound
 
 
-def test_same_seed_bit_identical_and_resume(tmp_path):
-    spec = gaussian3d()
-    a = mlmc(_sampler(spec, seed=9, lmin=2), 0.05, n0=50, batch_size=40)
-    b = mlmc(_sampler(spec, seed=9, lmin=2), 0.05, n0=50, batch_size=40)
-    assert a.estimate == b.estimate and a.levels == b.levels
+class _InterruptAt(Counting):
+    """The exact score, counting calls and rows; Ctrl-C (KeyboardInterrupt) at its ``at``-th call."""
 
-    # Interrupt after a few batches, then resume from the state file: the same estimate.
-    state = tmp_path / "state.json"
-    calls = {"n": 0}
-    inner = _sampler(spec, seed=9, lmin=2)
+    def __init__(self, spec, at=None):
+        super().__init__(spec)
+        self.at = at
 
-    def flaky(l, n, b, r):
-        calls["n"] += 1
-        if calls["n"] == 7:
+    def forward(self, x, y, t):
+        if self.calls + 1 == self.at:
             raise KeyboardInterrupt
-        return inner(l, n, b, r)
+        return super().forward(x, y, t)
 
+
+def test_same_seed_bit_identical_and_resume_to_rounding(tmp_path):
+    """The same command twice (same batches, same grouping, same threads): bit-identical. The same run with
+    every batch alone in its network calls (row budget 7), or interrupted so mid-round and resumed with the
+    default row budget (the round's unfinished batches and every later round grouped into other calls): the
+    same sample counts, the resumed run evaluates exactly the rows the uninterrupted run did less those its
+    state file holds, and the estimate agrees to float rounding (tests/rounding.py: on Intel CPUs MKL rounds
+    the exact score's batched einsum differently by batch shape; the resumed estimate then differs by 2 ulps).
+
+    Wrong resumes this catches (each tried once): re-drawing the batches the interrupted round had finished
+    from new noise streams (the estimate moves by 7e-3, against a tolerance of 1e-12); dropping their sums (the
+    driver then draws other sample counts); re-running them on their own streams (the right estimate, but
+    the resumed run evaluates their rows again)."""
+    spec = gaussian3d()
+    y = torch.as_tensor(spec.y)[None]
+    run = lambda model, **kw: mlmc(CoupledLevelSampler(model, y, spec.shape, seed=9, lmin=2), 0.05,  # noqa: E731
+                                   n0=50, batch_size=40, **kw)
+    a, b = run(ExactPosteriorEps(spec)), run(ExactPosteriorEps(spec))
+    assert a.estimate == b.estimate and a.levels == b.levels
+    tol = mlmc_relative_tolerance(a.levels, exact_score_ops(spec))
+
+    alone = run(ExactPosteriorEps(spec), row_budget=7)  # < a batch's rows: one batch a call
+    assert alone.sequential_calls > a.sequential_calls
+    assert [lv.n_samples for lv in alone.levels] == [lv.n_samples for lv in a.levels]
+    assert_agree_to_rounding(alone.estimate, a.estimate, tol, what="row budget 7 vs 4096")
+
+    # Ctrl-C at the 95th call of the one-batch-a-call run: two rounds done, the third (5 batches) 3 finished.
+    state = tmp_path / "state.json"
     with pytest.raises(KeyboardInterrupt):
-        mlmc(UserLevels(flaky, M=2, lmin=2, pixels=inner.pixels), 0.05, n0=50, batch_size=40, state_path=str(state))
+        run(_InterruptAt(spec, at=95), row_budget=7, state_path=str(state))
     saved = json.loads(state.read_text())
-    assert sum(v["n"] for v in saved["levels"].values()) > 0
-    c = mlmc(inner, 0.05, n0=50, batch_size=40, state_path=str(state))
-    assert c.estimate == a.estimate
+    assert saved["rounds"] == 2 and len(saved["round"]) == 5 and len(saved["round_done"]) == 3
+    held = sum(v["calls"] for part in ("levels", "round_done", "plain") for v in saved[part].values())
+    model = Counting(spec)
+    c = run(model, state_path=str(state))
+    assert [lv.n_samples for lv in c.levels] == [lv.n_samples for lv in a.levels]
+    assert_agree_to_rounding(c.estimate, a.estimate, tol, what="resumed vs uninterrupted")
+    assert model.rows == a.nfe_counted - held - saved["pilot_calls"] and c.nfe_counted == a.nfe_counted
     with pytest.raises(InputError, match="different arguments"):
-        mlmc(inner, 0.04, n0=50, batch_size=40, state_path=str(state))
+        mlmc(CoupledLevelSampler(ExactPosteriorEps(spec), y, spec.shape, seed=9, lmin=2), 0.04, n0=50,
+             batch_size=40, state_path=str(state))
 
 
 def test_weak_convergence_failure_keeps_the_estimate():
@@ -423,7 +452,9 @@ def test_auto_lmin_driver_counts_the_pilot_and_resumes(tmp_path):
     again = mlmc_auto(fresh, 0.05, lmax=12, n0=50, batch_size=30, state_path=str(state))
     # The batches left run together in other calls than they would have: the same estimate to rounding.
     assert again.lmin == ref.lmin and again.nfe == ref.nfe
-    np.testing.assert_allclose(again.estimate, ref.estimate, rtol=1e-12, atol=1e-14)
+    assert [lv.n_samples for lv in again.levels] == [lv.n_samples for lv in ref.levels]
+    assert_agree_to_rounding(again.estimate, ref.estimate, mlmc_relative_tolerance(ref.levels, exact_score_ops(spec)),
+                             what="resumed vs uninterrupted (automatic Lmin)")
 
 
 def test_driver_rejects_a_pilot_or_state_of_another_lmin(tmp_path):

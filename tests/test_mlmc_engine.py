@@ -6,10 +6,12 @@ import io
 import pytest
 import torch
 
-from lightning_mlmc.mlmc import MLMCConfig, SUM_NAMES, run_mlmc
+from lightning_mlmc.mlmc import MLMCConfig, run_mlmc
 from lightning_mlmc.mlmc import engine
 from lightning_mlmc.progress import QUIET, TerminalProgress, for_terminal
 from tests.analytic_cases import Counting, gaussian_inpaint, inpaint4x4
+from tests.rounding import (assert_agree_to_rounding, exact_score_ops, mlmc_relative_tolerance,
+                            path_relative_tolerance)
 
 
 def _levels(spec, **kw):
@@ -20,9 +22,10 @@ def _levels(spec, **kw):
 
 def test_batches_of_every_level_together_give_each_batchs_own_sums():
     """Six batches of four levels (coupled and plain, different sizes and streams) in one engine run equal the
-    batches run alone, to float rounding (the exact score sees other rows in the same call: its batched
-    linear algebra may round the last bit differently, nothing more); the calls fall from the sum of the
-    paths' steps to the longest path's."""
+    batches run alone, to float rounding (tests/rounding.py: the exact score sees other rows in the same call,
+    and its batched linear algebra may round the last bit differently by batch shape): the paths within
+    2 S c u of their scale, the payoff sums f1 and c1 (x^2 >= 0) within the tolerance of a one-level estimate;
+    the calls fall from the sum of the paths' steps to the longest path's."""
     spec = inpaint4x4()
     _, levels, model = _levels(spec)
     plan = [(1, 7, 0, 0, False), (3, 5, 0, 0, False), (3, 9, 1, 0, False), (5, 4, 0, 1, False), (4, 6, 2, 0, True),
@@ -31,17 +34,24 @@ def test_batches_of_every_level_together_give_each_batchs_own_sums():
     for level, n, b, r, plain in plan:
         stepper = levels.steppers(level, n, b, r, plain)
         engine.run([stepper], levels.model, levels.y)
-        alone.append(stepper.sums())
+        alone.append(stepper)
     calls_alone = model.calls
     steppers = [levels.steppers(*p) for p in plan]
     stats = engine.run(steppers, levels.model, levels.y, budget=10_000)
     assert stats.calls == model.calls - calls_alone == 2**5  # the longest path's steps, every call full
     assert stats.rows == sum(s.calls for s in alone)
+    c = exact_score_ops(spec)
     for a, s in zip(alone, steppers):
-        b = s.sums()
-        assert (a.n, a.calls) == (b.n, b.calls)
-        for k in SUM_NAMES:
-            torch.testing.assert_close(b.sums[k], a.sums[k], rtol=1e-13, atol=1e-13)
+        what = f"batch (level {s.level}, n {s.n})"
+        assert_agree_to_rounding(s.x_f, a.x_f, path_relative_tolerance(s.steps, c), what=what + " fine paths")
+        assert (s.x_c is None) == (a.x_c is None)
+        if s.x_c is not None:
+            assert_agree_to_rounding(s.x_c, a.x_c, path_relative_tolerance(s.steps, c), what=what + " coarse paths")
+        sa, sb = a.sums(), s.sums()
+        assert (sa.n, sa.calls) == (sb.n, sb.calls)
+        rel = mlmc_relative_tolerance([{"cost": s.calls / s.n, "n_samples": s.n}], c)
+        for k in ("f1", "c1"):
+            assert_agree_to_rounding(sb.sums[k], sa.sums[k], rel, what=f"{what} sum {k}")
 
 
 def test_the_schedule_keeps_the_row_budget_and_runs_the_longest_paths_first():
