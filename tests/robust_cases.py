@@ -3,7 +3,6 @@ outliers on the coarse levels (heavy tails that a small pilot does not see)."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 import torch

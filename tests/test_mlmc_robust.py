@@ -113,8 +113,9 @@ def _cheapest_plain_mc(p: RareOutliers, eps: float) -> float:
 def test_heavy_tailed_coarse_levels_cost_at_most_twice_the_cheapest_plain_mc():
     """Outliers one sample in a thousand on levels 0-3 (kurtosis 1000): automatic Lmin on a pilot that misses
     them, then runs of thousands that see them. The driver before the per-round re-check and the round cap
-    spent 2.5M NFEs on seed 4, five times the cheapest plain MC (0.50M); now every run stays within twice it,
-    Giles' kurtosis warning reaches the result, and the RMSE is within the chi-square bound."""
+    spent 2.5M NFEs on seed 4, five times the cheapest plain MC (0.50M); now every run stays within twice it
+    (measured: at most 0.22x, the runs raise their Lmin above the outliers), Giles' kurtosis warning reaches
+    the result, and the RMSE is within the chi-square bound."""
     eps, errors, results = 0.02, [], []
     for seed in range(10):
         p = RareOutliers(seed=seed, q=0.001, A=200.0)
@@ -129,13 +130,18 @@ def test_heavy_tailed_coarse_levels_cost_at_most_twice_the_cheapest_plain_mc():
     assert any(any("kurtosis" in w for w in r.warnings) for r in results)
 
 
-def test_a_run_that_would_lose_finishes_as_plain_mc_and_says_why():
-    """Outliers one sample in two hundred on Lmin 0 (kurtosis 200): once they show, MLMC's plan grows past what
-    a plain MC of 32-64 steps would still need, and the run finishes as that plain MC, with the reason."""
-    r = mlmc_auto(RareOutliers(seed=3, q=0.005, A=200.0), 0.02, lmax=12)
-    assert r.method == "mc" and r.mc_reason.startswith("round ") and "plain MC with" in r.mc_reason
-    assert "kurtosis" in r.mc_reason
-    assert any(line.startswith("warning: finished as plain MC at round") for line in warning_lines(r))
+def test_a_run_whose_coarse_levels_turn_out_heavy_goes_on_from_a_higher_lmin_and_says_why():
+    """Outliers one sample in two hundred on levels 0-3 (kurtosis 200), Lmin 0 fixed: once they show, MLMC's
+    plan from Lmin 0 costs several times what MLMC from Lmin 2 still needs (its plain level's variance pooled
+    from the paths of that law already drawn), so the run raises its Lmin (the dropped levels' cost stays in
+    ``nfe``), says when and why, and still meets eps."""
+    p = RareOutliers(seed=3, q=0.005, A=200.0, lmin=0)
+    r = mlmc(p, 0.02, lmax=12)
+    assert r.lmin > 0 and r.levels[0].level == r.lmin and r.lmin_reason.startswith("round ")
+    assert "kurtosis" in r.lmin_reason and f"MLMC from Lmin {r.lmin}" in r.lmin_reason
+    assert any(line.startswith(f"warning: raised Lmin to {r.lmin} at round") for line in warning_lines(r))
+    assert r.converged and abs(r.estimate[0] - p.exact) <= 3 * 0.02
+    assert r.nfe > sum(lv.n_samples * lv.cost for lv in r.levels)  # the dropped levels are paid for
 
 
 def test_automatic_lmin_passes_over_a_heavy_tailed_candidate():
@@ -153,7 +159,7 @@ def test_automatic_lmin_passes_over_a_heavy_tailed_candidate():
 def test_a_round_is_capped_by_what_the_run_has_spent():
     """No MLMC round costs more than 12 times what the run has spent before it (the plan is scaled down alike;
     a new level still gets its 4 samples), so a plan sized from a variance that has not shown its tail yet is
-    checked again before it spends much; on this heavy-tailed run the cap is what bounds several rounds."""
+    checked again before it spends much; on this heavy-tailed run the cap is what bounds the first MLMC round."""
     import lightning_mlmc.mlmc.driver as driver
 
     seen = []
@@ -169,12 +175,12 @@ def test_a_round_is_capped_by_what_the_run_has_spent():
 
     driver.rounds.run_round = spy
     try:
-        mlmc(RareOutliers(seed=3, q=0.005, A=200.0, lmin=0), 0.02, lmax=12)
+        mlmc(RareOutliers(seed=3, q=0.001, A=200.0, lmin=0), 0.02, lmax=12)
     finally:
         driver.rounds.run_round = run_round
     mlmc_rounds = [(spent, planned, floor) for phase, spent, planned, floor in seen if phase == "mlmc"]
     assert mlmc_rounds and all(planned <= 12 * spent + floor + 1e-9 for spent, planned, floor in mlmc_rounds)
-    assert sum(planned > 6 * spent for spent, planned, _ in mlmc_rounds) >= 2  # the cap is what bound them
+    assert any(planned > 6 * spent for spent, planned, _ in mlmc_rounds)  # the cap is what bound it
 
 
 # ------------------------------------------------------------------------------------------------

@@ -131,6 +131,8 @@ def warning_lines(result) -> list[str]:
     """Giles' warnings on the run's levels (kurtosis, consistency), what automatic Lmin passed over, and why the
     run finished as plain MC: one ``warning:`` line each, for the console."""
     lines = [f"warning: {w}" for w in result.warnings]
+    if result.lmin_reason:
+        lines.append(f"warning: raised Lmin to {result.lmin} at {result.lmin_reason}")
     if result.method == "mc" and result.mc_reason:
         lines.append(f"warning: finished as plain MC at {result.mc_reason}")
     return lines

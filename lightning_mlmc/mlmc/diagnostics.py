@@ -3,7 +3,6 @@ the fitted rates, and the complexity table of adaptive runs at a list of eps."""
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 

@@ -28,30 +28,24 @@ from lightning_mlmc.mlmc.estimates import (
     asymptotic_level,
     SquaredBias,
     bias_of_level,
-    NORMAL_NONZERO,
     floor_untrusted,
     near_normal,
     level_moments,
     plain_mc_alternative,
-    pooled_plain_variance,
     remaining_bias_weights,
     tail_relative_sd,
-    untrusted,
 )
 import lightning_mlmc.mlmc.engine as engine
 import lightning_mlmc.mlmc.finish as finish
+import lightning_mlmc.mlmc.guards as guards
 import lightning_mlmc.mlmc.rounds as rounds
 from lightning_mlmc.mlmc.levels import LevelFunction
-from lightning_mlmc.mlmc.checks import KURTOSIS_WARNING
 from lightning_mlmc.mlmc.lmin import LminChoice
 from lightning_mlmc.mlmc.plan import MAX_ALPHA, MAX_JUMP, Rates, fit_rates, level_variances, optimal_samples, plan
 from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.state import DriverState, fingerprint
 
 MAX_ROUNDS = 60  # a run that has not decided by then stops, unconverged, with its estimate
-SETTLE_SE = 1.5
-ROUND_GROWTH = 12  # a round costs at most this many times what the run has spent before it (``capped``)
-UPPER_COUNT = 4.74  # 95% upper bound of a Poisson count of which one was seen (``trust_cap``)
 
 
 @dataclass(frozen=True)
@@ -121,30 +115,6 @@ class _Run:
         rates = self.rates(moments)
         return floor_untrusted(moments, self.lmin, self.M, rates.alpha, rates.beta), rates
 
-    # -- levels that show no variation ----------------------------------------------------------------------
-    def trust_cap(self, moments: list[LevelMoments], level: int) -> int:
-        """The samples after which a level without variation is accepted as it is.
-
-        With k nonzero differences seen in n samples, the count's 95% upper bound is about 3 (k = 0) or 4.74
-        (k = 1) (Poisson), so |E[Y_l]| <= 4.74 J / n, J the size of a difference, taken as twice the standard
-        deviation of P_l (a jump across a discontinuity of the payoff); n = 2 * 4.74 J / (sqrt(theta) eps)
-        keeps that below half the bias's share of eps."""
-        var, _ = pooled_plain_variance(moments, level, self.lmin)
-        jump = 2.0 * math.sqrt(var) if math.isfinite(var) else 0.0
-        return max(self.s.n0, math.ceil(2 * UPPER_COUNT * jump / (math.sqrt(self.s.theta) * self.s.eps)))
-
-    def untrusted_growth(self, moments: list[LevelMoments]) -> dict[int, int]:
-        """More samples (four times as many, up to ``trust_cap``) at the coupled levels that show (nearly) no
-        variation and have no trusted coupled neighbour to take Giles' floors from (``floor_untrusted``: a
-        floored level is sized and tested with its floors, as in Giles' drivers); until then the run does
-        not decide L or N_l from them."""
-        out = {}
-        for m in untrusted(moments, self.lmin):
-            cap = self.trust_cap(moments, m.level)
-            if not m.floored and m.n < cap:
-                out[m.level] = min(3 * m.n, cap - m.n)
-        return out
-
     def bias(self, moments: list[LevelMoments], rates: Rates) -> tuple[SquaredBias, float]:
         """(the pooled squared bias of the estimate at L, the largest lower confidence value of the finest
         levels' own extrapolations): Giles takes the largest extrapolation; the pooled estimate is far more
@@ -183,7 +153,7 @@ class _Run:
                 st.ensure(level)
             st.L = max(st.L, low)
             return {l: max(0, st.pilot_n - st.sums[l].n) for l in range(self.lmin, low + 1)}
-        grow = self.untrusted_growth(moments)
+        grow = guards.untrusted_growth(self, moments)
         if grow:
             return grow
         predicted = self.predicted_mlmc(moments, rates).cost
@@ -212,67 +182,6 @@ class _Run:
     def can_finish_plain(self) -> bool:
         return hasattr(self.levels, "with_lmin")
 
-    def decide(self, moments: list[LevelMoments], rates: Rates, more: dict[int, int] | None = None) -> str:
-        """mlmc, or mc when plain MC is predicted to cost less from here on than MLMC (sunk cost not counted):
-        after the pilot, and again before every MLMC round (``more``: the samples that round would draw), so
-        that a run whose plan grows (a heavy-tailed level whose outliers show up late, a level that needed more
-        samples than its pilot said) finishes as plain MC instead of walking on; rounds are capped
-        (``capped``), so a plan can grow only so far before it is checked again.
-
-        Plain MC is sized with its bias one standard error up, the extrapolated tail's uncertainty included,
-        as MLMC's own test is. The honest ``nfe_mc`` (point estimates) is not a safe thing to switch to: a
-        pilot fooled by a heavy tail made such a switch miss by 6.7 eps in a test, with 4-step samples, and
-        switching whenever spent plus planned exceeded it raised the RMSE of Giles' GBM test to 1.5 eps. Plain
-        MC runs at a sampled level: below the finest, or at the finest once MLMC itself could stop there (its
-        rates resolved, the level asymptotic); it draws fresh samples (the ones that decided the switch would
-        bias it). The reason is kept (``mc_reason``)."""
-        if not (self.s.fallback and self.can_finish_plain()) or len(moments) < 2:
-            return "mlmc"
-        finest = moments[-1].level
-        if not (rates.resolved and finest >= self.min_L(moments)):
-            finest -= 1  # a plain MC's bias must rest on a measured level above it, not on extrapolation alone
-        mlmc_more = self.planned_more(moments, rates, more)
-        mc = self.plain_alternative(moments, rates, finest=finest, cautious=True)
-        if not (mc.meets_eps and mc.cost < mlmc_more):
-            return "mlmc"
-        why = f"plain MC with {mc.steps} steps needed {mc.cost:.6g} more NFEs, MLMC {mlmc_more:.6g} more"
-        self.st.mc_level = mc.level
-        heavy = [f"level {m.level}: kurtosis {m.kurtosis:.3g}" for m in moments if m.kurtosis > KURTOSIS_WARNING]
-        self.st.mc_reason = f"round {self.st.rounds}: {why}" + (f" ({'; '.join(heavy)})" if heavy else "")
-        return "mc"
-
-    def planned_more(self, moments: list[LevelMoments], rates: Rates, more: dict[int, int] | None = None) -> float:
-        """NFEs MLMC still plans: the predicted run's N_l beyond the samples drawn (or ``more``, the next round,
-        where larger), and the growth of levels without variation."""
-        p = self.predicted_mlmc(moments, rates)
-        n = {m.level: m.n for m in moments}
-        more = more or {}
-        extra = {l: max(p.samples.get(l, 0) - n.get(l, 0), more.get(l, 0)) for l in set(p.samples) | set(more)}
-        total = sum(k * self.levels.cost(l) for l, k in extra.items())
-        for l, k in self.untrusted_growth(moments).items():
-            total += max(0, k - extra.get(l, 0)) * self.levels.cost(l)
-        return total
-
-    def capped(self, more: dict[int, int]) -> dict[int, int]:
-        """The next round, scaled down (every level alike) to at most ``ROUND_GROWTH`` times what the run has
-        spent so far. A plan sized from estimates that a heavy tail has not shown yet (or from a pilot it
-        fooled) then cannot spend the run's budget many times over in one round before it is checked again
-        (``decide``) with what this round saw; a run planned well from a pilot of ``pilot_fraction`` (0.1) of
-        its cost draws its main round in one (about ten times the pilot)."""
-        price = sum(k * self.levels.cost(l) for l, k in more.items())
-        cap = ROUND_GROWTH * self.spent()
-        if price <= cap or cap <= 0:
-            return more
-        n = {l: s.n for l, s in self.st.sums.items()}
-        # a level keeps at least ``floor`` samples in all (its mean and variance must be estimable)
-        return {l: max(min(k, self.s.floor - n.get(l, 0)), math.floor(k * cap / price), 0) for l, k in more.items()}
-
-    def spent(self) -> float:
-        """NFEs spent so far (by the cost formula, the pilot's unused part and plain samples included)."""
-        st = self.st
-        return (sum(s.n * self.levels.cost(l) for l, s in st.sums.items()) + st.pilot_nfe
-                + sum(s.n * self.plain_cost(l) for l, s in st.plain.items()))
-
     # -- plain-MC finish (finish.py) ---------------------------------------------------------------------
     def mc_round(self, moments: list[LevelMoments], rates: Rates) -> dict[int, int]:
         return finish.mc_round(self, moments, rates)
@@ -284,7 +193,7 @@ class _Run:
         those samples rather than the pilot's: within its share -> done; clearly above it -> finer levels;
         undecided -> more samples at the finest levels, or a new level when that is cheaper."""
         more, converged = self._mlmc_round(moments, rates)
-        grow = self.untrusted_growth(moments)  # levels without variation: sampled further before the run ends
+        grow = guards.untrusted_growth(self, moments)  # levels without variation: sampled further before the run ends
         if grow:
             return {l: max(more.get(l, 0), grow.get(l, 0)) for l in set(more) | set(grow)}, False
         return more, converged
@@ -297,9 +206,9 @@ class _Run:
         # test fails on uncertainty (a point estimate above it, rates not resolved), one level at a time: an
         # extrapolation by an uncertain alpha would jump too far.
         outright = single > room or bias.lower > room or st.L < self.min_L(moments)
-        new_L, grow = self.add_levels(moments, rates, MAX_JUMP)
+        new_L, grow = self.add_levels(moments, rates, MAX_JUMP if outright else 0)
         fails = bias.value > room or single > room or not rates.resolved or st.L < self.min_L(moments)
-        sparse = self.sparse_growth(moments) if fails and not outright and bias.value <= room else {}
+        sparse = guards.sparse_growth(self, moments) if fails and not outright and bias.value <= room else {}
         price = lambda d: sum(k * self.levels.cost(l) for l, k in d.items())  # noqa: E731
         if sparse and (new_L == st.L or price(sparse) < price(grow)):
             return sparse, False  # alpha unresolved on sparse levels: more samples there, before a finer level
@@ -311,15 +220,18 @@ class _Run:
         sizing = level_variances(moments, self.lmin, self.M)
         var = [sizing[m.level] for m in moments]
         cost = [self.levels.cost(m.level) for m in moments]
-        ns = optimal_samples(var, cost, s.eps**2 - min(bias.upper, room))
+        # Giles' split: the variance gets (1 - theta) eps^2 whatever the bias turns out to be (a bias measured
+        # small late, after rounds capped by ``capped``, would otherwise hand the variance nearly all of eps^2 and
+        # leave no margin for variances that heavy-tailed levels underestimate)
+        ns = optimal_samples(var, cost, s.eps**2 - room)
         dn = {m.level: max(0, k - m.n) for m, k in zip(moments, ns)}
         if any(dn[m.level] > 0.01 * m.n for m in moments):
             return dn, False  # not converged yet: draw the samples the variance needs, then test
         if bias.upper <= room:  # converged once the estimated MSE is within eps^2 (``finish.rmse_estimate``)
             short = {l: k for l, k in dn.items() if k > 0}
             return short, not short
-        settle = self.settle(moments, rates, bias, room) if bias.value <= room else {}
-        sparse = self.sparse_growth(moments)
+        settle = guards.settle(self, moments, rates, bias, room) if bias.value <= room else {}
+        sparse = guards.sparse_growth(self, moments)
         if sparse and price(sparse) < min(price(grow) if st.L < s.lmax else math.inf, price(settle) if settle else math.inf):
             return sparse, False  # the cheapest information first: sparse levels' means
         if st.L < s.lmax and (not settle or price(grow) < price(settle)):
@@ -328,17 +240,6 @@ class _Run:
         if not settle or (st.L == s.lmax and price(settle) > s.n0 * self.levels.cost(st.L + 1)):
             return {}, False  # undecidable at Lmax within the price of a level: stop, unconverged
         return settle, False
-
-    def sparse_growth(self, moments: list[LevelMoments]) -> dict[int, int]:
-        """Samples that bring the coupled levels whose means rest on few nonzero differences (``near_normal``)
-        to about ``NORMAL_NONZERO`` of them (at most four times their count): when the weak rate cannot be
-        resolved from such means, more of them is cheaper information than a finer level."""
-        out = {}
-        for m in moments:
-            if m.level > self.lmin and not near_normal(m):
-                want = math.ceil(m.n * NORMAL_NONZERO / max(m.nonzero, 1.0))
-                out[m.level] = min(want, 4 * m.n) - m.n
-        return {l: k for l, k in out.items() if k > 0}
 
     def add_levels(self, moments: list[LevelMoments], rates: Rates, jump: int = MAX_JUMP) -> tuple[int, dict[int, int]]:
         """(new L, samples to draw): the levels the extrapolated bias asks for (at least L + 1, at most
@@ -359,24 +260,6 @@ class _Run:
         for level in range(self.st.L + 1, L + 1):
             self.st.ensure(level)
         self.st.L = L
-
-    def settle(self, moments: list[LevelMoments], rates: Rates, bias: SquaredBias, room: float) -> dict[int, int]:
-        """Samples at the levels the bias estimate rests on that bring its two standard errors within the room
-        left by its value, at the least cost: the variance of the bias estimate, sum_l w_l / N_l with w_l the
-        squared weight of level l's mean times V_l, must shrink by (2 se / gap)^2 (at most 4); Giles' optimal
-        allocation for that (``optimal_samples``) gives each level its N_l."""
-        gap = room - bias.value
-        if gap <= 0:
-            return {}
-        factor = min(4.0, (SETTLE_SE * bias.se / gap) ** 2)
-        tail = remaining_bias_weights(moments, self.lmin, self.M, rates.alpha, alpha_se=rates.alpha_se)
-        levels = [m for m in moments if m.level in tail]
-        w = [tail[m.level] ** 2 * float(m.var.mean()) for m in levels]
-        current = sum(wl / m.n for wl, m in zip(w, levels))
-        if factor <= 1.0 or current <= 0:
-            return {}
-        target = optimal_samples(w, [self.levels.cost(m.level) for m in levels], current / factor)
-        return {m.level: k - m.n for m, k in zip(levels, target) if k > m.n}
 
     # -- result -------------------------------------------------------------------------------------------
     def result(self, converged: bool, wall_seconds: float, method: str) -> MLMCResult:
@@ -462,7 +345,9 @@ def mlmc(
     run = _Run(levels, settings, st)
     run.progress = progress
     if st.load():
-        if st.lmin is not None and st.lmin != lmin:
+        if st.lmin_reason is not None and st.lmin is not None and st.lmin > lmin:  # the run raised its Lmin
+            run.levels, run.lmin = levels.with_lmin(st.lmin), st.lmin
+        elif st.lmin is not None and st.lmin != lmin:
             raise InputError(f"state: {state_path} holds a run with lmin={st.lmin}, not {lmin}")
     else:
         run.start(pilot)
@@ -477,15 +362,22 @@ def mlmc(
                 st.pending.update(more)
                 st.save()
                 continue
-            st.phase = run.decide(moments, rates)
+            st.phase = guards.decide(run, moments, rates)
         if st.phase == "mlmc":
             more, converged = run.mlmc_round(moments, rates)
-            if more and run.decide(moments, rates, more) == "mc":
-                st.phase = "mc"
-            else:
-                st.pending.update(run.capped(more))
+            decision = guards.decide(run, moments, rates, more) if more else "mlmc"
+            if decision == "mc":
+                st.phase, st.pending = "mc", {l: 0 for l in st.pending}
+            elif decision == "mlmc":
+                st.pending.update(guards.capped(run, more))  # (``lmin``: the raised run's first round is pending)
         if st.phase == "mc":  # plain samples at the finish's level; levels without variation still grow
-            plain, grow = run.mc_round(moments, rates), run.untrusted_growth(moments)
+            plain, grow = run.mc_round(moments, rates), guards.untrusted_growth(run, moments)
+            if plain is None:  # its bias no longer leaves room (a level grown since said more): MLMC goes on
+                st.phase, st.mc_level, st.mc_reason = "mlmc", None, None
+                more, converged = run.mlmc_round(moments, rates)
+                st.pending.update(guards.capped(run, more))
+                st.save()
+                continue
             st.pending_plain.update(plain)
             st.pending.update(grow)
             more, converged = {**plain, **grow}, True

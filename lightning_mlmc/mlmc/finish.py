@@ -62,15 +62,18 @@ def mc_bias2(run, moments: list[LevelMoments], rates: Rates) -> float:
     return bias.upper if bias.upper <= run.s.theta * run.s.eps**2 else bias.value
 
 
-def mc_round(run, moments: list[LevelMoments], rates: Rates) -> dict[int, int]:
+def mc_round(run, moments: list[LevelMoments], rates: Rates) -> dict[int, int] | None:
     """Fresh plain samples the finish still needs at its level: V[P_l] / (eps^2 - B^2) (``mc_bias2``; none
-    once its estimated MSE, V[P_l] / n + B^2, is within eps^2)."""
+    once its estimated MSE, V[P_l] / n + B^2, is within eps^2); None when B^2 leaves less than a tenth of eps^2
+    (the run then goes back to MLMC)."""
     level = run.st.mc_level
     var, have = plain_variance(run, moments, level), plain_samples(run, moments, level, fresh=True)[2]
     room = run.s.eps**2 - mc_bias2(run, moments, rates)
-    if have > 0 and room > 0 and var / have <= room:
+    if room < 0.1 * run.s.eps**2:
+        return None  # the bias estimate leaves (almost) no room: the finish cannot meet eps at this level
+    if have > 0 and var / have <= room:
         return {}
-    need = math.ceil(var / max(room, (1 - run.s.theta) * run.s.eps**2 * 1e-3)) - have
+    need = math.ceil(var / room) - have
     return {level: max(need, math.ceil(0.01 * have), 2 - have, 1)}
 
 
@@ -119,7 +122,7 @@ def result(run, converged: bool, wall_seconds: float, method: str) -> MLMCResult
         bias_estimate=float(math.sqrt(bias2)) if math.isfinite(bias2) else math.inf,
         wall_seconds=wall_seconds, M=M, lmin=run.lmin, theta=s.theta, converged=converged,
         pilot_nfe=float(st.pilot_nfe), method=method, mc_level=st.mc_level if method == "mc" else None,
-        mc_reason=st.mc_reason if method == "mc" else None,
+        mc_reason=st.mc_reason if method == "mc" else None, lmin_reason=st.lmin_reason,
         mc_steps=int(mc.steps), mc_samples=int(mc.samples), mc_meets_eps=bool(mc.meets_eps),
         nfe_mc_same_grid=float(same), savings_same_grid=float(same / nfe), rounds=st.rounds,
         sequential_calls=int(st.sequential_calls), rows_per_call=calls / max(st.sequential_calls, 1),

@@ -83,7 +83,7 @@ class GBMCall:
                 xc = xc + self.r * xc * M * hf + self.sigma * xc * dw.sum(1)
         discount = math.exp(-self.r * self.T)
         pf = discount * self.payoff(xf)
-        pc = discount * self.payoff(xc) if level > 0 else None
+        pc = discount * self.payoff(xc) if level > self.lmin else None  # plain at Lmin
         return LevelSums.from_payoffs(pf[:, None], None if pc is None else pc[:, None], n * nf)
 
 

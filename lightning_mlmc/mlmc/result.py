@@ -42,6 +42,7 @@ class MLMCResult:
     method: str = "mlmc"
     mc_level: int | None = None
     mc_reason: str | None = None  # when and why the run switched to plain MC
+    lmin_reason: str | None = None  # when and why the run raised its Lmin (its coarse levels cost more than they saved)
     rmse_estimate: float = math.nan  # the RMSE the driver certifies: converged means rmse_estimate <= eps
     mc_steps: int = 0
     mc_samples: int = 0

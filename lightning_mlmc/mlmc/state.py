@@ -47,6 +47,7 @@ class DriverState:
         self.phase = "pilot"  # pilot -> mlmc or mc
         self.mc_level: int | None = None  # the level of a plain-MC finish
         self.mc_reason: str | None = None  # when and why the run switched to it
+        self.lmin_reason: str | None = None  # when and why the run raised its Lmin (``guards.raise_lmin``)
         self.pilot_n = 0  # pilot samples per pilot level
         self.rounds = 0
         self.sequential_calls = 0  # batched network calls made one after another
@@ -67,7 +68,7 @@ class DriverState:
         data = {"fingerprint": self.fingerprint, "L": self.L, "lmin": self.lmin, "pilot_nfe": self.pilot_nfe,
                 "pilot_calls": self.pilot_calls, "pending": self.pending, "pending_plain": self.pending_plain,
                 "batches": self.batches, "phase": self.phase, "mc_level": self.mc_level, "mc_reason": self.mc_reason,
-                "pilot_n": self.pilot_n,
+                "lmin_reason": self.lmin_reason, "pilot_n": self.pilot_n,
                 "rounds": self.rounds, "sequential_calls": self.sequential_calls, "round": self.round,
                 "round_done": dump(self.round_done),
                 "levels": dump(self.sums), "plain": dump(self.plain)}
@@ -111,7 +112,7 @@ class DriverState:
         self.batches = ints(data["batches"])
         self.sums, self.plain = load(data["levels"]), load(data.get("plain", {}))
         self.phase, self.mc_level = data.get("phase", "pilot"), data.get("mc_level")
-        self.mc_reason = data.get("mc_reason")
+        self.mc_reason, self.lmin_reason = data.get("mc_reason"), data.get("lmin_reason")
         self.pilot_n, self.rounds = data.get("pilot_n", 0), data.get("rounds", 0)
         self.sequential_calls = data.get("sequential_calls", 0)
         self.round, self.round_done = data.get("round", []), load(data.get("round_done", {}))
