@@ -57,13 +57,17 @@ class NoiseSource:
         shape: (B, *event_shape) of every draw.
         stream: extra integers that select an independent stream (e.g. MLMC level, batch, rank).
         dtype, device: of the returned tensors (drawn on the CPU, so results do not depend on device).
+        antithetic: rows come in pairs (i, i + B/2) driven by noise z and -z (``draw``); B must be even.
     """
 
-    def __init__(self, seed: int, shape, stream: tuple[int, ...] = (), dtype=torch.float64, device="cpu"):
+    def __init__(self, seed: int, shape, stream: tuple[int, ...] = (), dtype=torch.float64, device="cpu",
+                 antithetic: bool = False):
         if int(seed) < 0:
             raise InputError(f"seed: expected a non-negative integer, got {seed}")
         self.seed, self.shape, self.stream = int(seed), tuple(shape), tuple(int(s) for s in stream)
-        self.dtype, self.device = dtype, torch.device(device)
+        self.dtype, self.device, self.antithetic = dtype, torch.device(device), bool(antithetic)
+        if self.antithetic and (not self.shape or self.shape[0] % 2):
+            raise InputError(f"antithetic: the rows come in pairs, so their number must be even, got shape {self.shape}")
 
     @classmethod
     def from_generator(cls, generator: torch.Generator, shape, **kw) -> "NoiseSource":
@@ -71,13 +75,21 @@ class NoiseSource:
         return cls(seed, shape, **kw)
 
     def draw(self, index: int) -> Tensor:
-        """The standard normal draw number ``index`` of this stream (0 is the start, k + 1 is step k)."""
+        """The standard normal draw number ``index`` of this stream (0 is the start, k + 1 is step k).
+
+        Antithetic: rows B/2.. are the negation of rows ..B/2 (every draw: the start, each step's, and whatever
+        Picard or PIADM draw from it), so row i and row i + B/2 are the two paths of an antithetic pair."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, *self.stream, index))
+        if self.antithetic:
+            z = torch.randn((self.shape[0] // 2, *self.shape[1:]), generator=g, dtype=self.dtype)
+            return torch.cat([z, -z]).to(self.device)
         return torch.randn(self.shape, generator=g, dtype=self.dtype).to(self.device)
 
     def substream(self, *keys: int) -> "NoiseSource":
-        """An independent source on the stream extended by ``keys`` (e.g. PIADM's corrector of one block)."""
-        return NoiseSource(self.seed, self.shape, stream=(*self.stream, *keys), dtype=self.dtype, device=self.device)
+        """An independent source on the stream extended by ``keys`` (e.g. PIADM's corrector of one block),
+        paired as this one is."""
+        return NoiseSource(self.seed, self.shape, stream=(*self.stream, *keys), dtype=self.dtype, device=self.device,
+                           antithetic=self.antithetic)
 
     def start(self) -> Tensor:
         """The standard normal draw behind x_T."""
@@ -126,6 +138,12 @@ def masked_start(y_image: Tensor, observed: Tensor) -> StartDistribution:
     """y on the observed pixels (``observed`` is a 0/1 mask in image shape), N(0, 1) on the missing ones."""
     observed = observed.to(y_image.dtype)
     return StartDistribution(1.0, y_image * observed, 1.0 - observed, "masked")
+
+
+def pair_means(values: Tensor) -> Tensor:
+    """The antithetic pair means of rows (i, i + B/2) of ``values`` (shape (B, ...), B even): (B/2, ...)."""
+    half = values.shape[0] // 2
+    return 0.5 * (values[:half] + values[half:])
 
 
 def batch_obs(y: Tensor | None, batch: int) -> Tensor | None:

@@ -100,11 +100,11 @@ def test_mlmc_test_rates_equal_the_cli_mlmc_test(tmp_path):
     for key in ("alpha", "beta", "gamma"):
         assert cli[key] == pytest.approx(getattr(test, key), rel=1e-6), key
     assert [r["kurtosis"] for r in cli["rows"]] == pytest.approx([r.kurtosis for r in test.rows], rel=1e-6)
-    # The test's NFEs have their own key and are in the total: 16 samples of levels 1 (plain, 2 steps),
-    # 2 (4 + 2) and 3 (8 + 4); Lmin is fixed, so no pilot.
+    # The test's NFEs have their own key and are in the total: 16 samples (antithetic pairs by default: two
+    # paths each) of levels 1 (plain, 2 steps), 2 (4 + 2) and 3 (8 + 4); Lmin is fixed, so no pilot.
     uq = json.loads((tmp_path / "uq_summary.json").read_text())["latest"]
-    assert uq["mlmc/rate_test_nfe"] == 16 * (2 + 6 + 12)
-    assert uq["mlmc/nfe_total"] == uq["mlmc/nfe"] + 16 * (2 + 6 + 12)
+    assert cb.config.antithetic and uq["mlmc/rate_test_nfe"] == 16 * 2 * (2 + 6 + 12)
+    assert uq["mlmc/nfe_total"] == uq["mlmc/nfe"] + 16 * 2 * (2 + 6 + 12)
     assert uq["mlmc/nfe"] == cb.last_results[0].nfe
 
 

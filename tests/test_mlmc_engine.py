@@ -74,7 +74,8 @@ def test_plain_mc_call_count_is_what_the_engine_does(samples, batch_size, budget
         steppers.append(levels.steppers(steps_level, min(batch_size, left), b, 0, True))
         left, b = left - batch_size, b + 1
     stats = engine.run(steppers, levels.model, levels.y, budget)
-    assert engine.plain_mc_calls(2**steps_level, samples, batch_size, budget) == stats.calls
+    paths = levels.paths  # a sample is an antithetic pair of paths (the default): twice the rows
+    assert engine.plain_mc_calls(2**steps_level, samples * paths, batch_size * paths, budget) == stats.calls
 
 
 def test_a_run_reports_the_calls_the_network_got():

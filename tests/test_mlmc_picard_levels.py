@@ -29,7 +29,7 @@ def _pair(spec, seed=7, lmin=1, picard_seed=None, **picard):
     config = MLMCConfig(lmin=lmin, seed=seed)
     sequential = config.level_sampler(ExactPosteriorEps(spec), y, spec.shape)
     model = Counting(spec)
-    kw = dict(M=config.M, lmin=lmin, grid=config.time_grid(), coupling=config.coupling,
+    kw = dict(M=config.M, lmin=lmin, grid=config.time_grid(), coupling=config.coupling, antithetic=config.antithetic,
               seed=seed if picard_seed is None else picard_seed)
     return sequential, PicardLevelSampler(model, y, spec.shape, **kw, **picard), model
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 from lightning_mlmc.cli.common import (
@@ -74,6 +75,8 @@ def _add_config_args(p) -> None:
                         "iteration with this window (fewer sequential network calls, more rows; off by default)")
     p.add_argument("--picard-tol", type=positive_float("picard-tol"), default=None,
                    help="per-step tolerance of --picard-window, in units of each step's noise std (default 0.01)")
+    p.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=None,
+                   help="antithetic pairs: every sample the mean of the paths driven by noise z and -z (default on)")
     p.add_argument("--plots", help="folder for the convergence plots (PNG)")
     p.add_argument("--out", required=True)
 
@@ -142,11 +145,12 @@ def summary_line(result, out: str) -> str:
     """The console line of a finished run: what it cost, what plain MC would have, which method ran, and the
     RMSE it certifies against eps (``converged`` means rmse estimate <= eps; the bound is an upper confidence
     bound, which may exceed eps)."""
-    how = (f"finished as plain MC ({result.mc_samples} samples x {result.mc_steps} steps: predicted cheaper than "
+    unit = "samples in antithetic pairs" if result.mc_antithetic else "samples"
+    how = (f"finished as plain MC ({result.mc_samples} {unit} x {result.mc_steps} steps: predicted cheaper than "
            "MLMC from there on)" if result.method == "mc" else
            f"MLMC levels {result.lmin}..{result.levels[-1].level}")
     return (f"estimate written to {out}: {how}; nfe {result.nfe:.0f}, plain MC would need {result.nfe_mc:.0f} "
-            f"({result.mc_samples} x {result.mc_steps} steps): savings {result.savings:.2f}x "
+            f"({result.mc_samples} {unit} x {result.mc_steps} steps): savings {result.savings:.2f}x "
             f"({result.savings_same_grid:.2f}x against plain MC on the finest grid); {result.sequential_calls} "
             f"sequential network calls in {result.rounds} rounds ({result.rows_per_call:.0f} rows a call; plain MC: "
             f"{result.mc_sequential_calls}); rmse estimate {result.rmse_estimate:.3g} "

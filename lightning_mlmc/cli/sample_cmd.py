@@ -33,6 +33,10 @@ def add_command(sub) -> None:
     p.add_argument("--slide", choices=["paradigms", "prefix"], default="paradigms",
                    help="window slide rule: paradigms (by the first unconverged step + 1, the default) or prefix")
     p.add_argument("--max-rounds", type=positive_int("max-rounds"), default=None)
+    p.add_argument("--antithetic", action="store_true",
+                   help="draw the samples in antithetic pairs (sample i + K/2 from the negated noise of sample i; K "
+                        "even): their mean estimates a posterior mean with less variance, but the samples are not "
+                        "independent draws (off by default)")
     p.add_argument("--out", required=True)
     add_save_images_arg(p)
     p.set_defaults(func=cmd_sample)
@@ -48,10 +52,12 @@ def cmd_sample(args) -> int:
             raise InputError("window: expected an integer >= 1 for a Picard sampler")
         if not (args.tol > 0):
             raise InputError(f"tol: expected a positive number, got {args.tol}")
+    if args.antithetic and args.num_samples % 2:
+        raise InputError(f"num-samples: antithetic pairs need an even number of samples, got {args.num_samples}")
     check_out(args.out)
     model, y, shape, start, dtype, device = load_target(args)
     check_save_images(args.save_images, shape)
-    noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype, device=device)
+    noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype, device=device, antithetic=args.antithetic)
     grid = make_grid(args)
     if args.sampler == "dpm2m":
         from lightning_mlmc.solvers import sample_dpm2m
@@ -74,7 +80,7 @@ def cmd_sample(args) -> int:
             start=start, grid=grid,
         )
     stats = {"rounds": out.rounds, "nfe": out.nfe, "steps": out.steps, "wall_seconds": out.wall_seconds,
-             "sampler": args.sampler, "seed": args.seed, "device": str(device)}
+             "sampler": args.sampler, "seed": args.seed, "device": str(device), "antithetic": args.antithetic}
     stats.update({k: v for k, v in out.stats.items() if k not in stats})
     samples = out.samples.reshape(args.num_samples, -1).double().cpu().numpy()
 

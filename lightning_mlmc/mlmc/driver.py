@@ -173,7 +173,8 @@ class _Run:
 
     def plain_alternative(self, moments, rates, finest: int | None = None, cautious: bool = False):
         return plain_mc_alternative(moments, self.lmin, self.M, self.s.eps, rates.alpha, self.plain_cost,
-                                    finest=finest, alpha_se=rates.alpha_se, cautious=cautious)
+                                    finest=finest, alpha_se=rates.alpha_se, cautious=cautious,
+                                    pairs=getattr(self.levels, "antithetic", False))
 
     def plain_cost(self, level: int) -> float:
         plain = getattr(self.levels, "plain_cost", None)
@@ -389,6 +390,8 @@ def mlmc(
     result = run.result(converged, time.perf_counter() - tic, st.phase if st.phase != "pilot" else "mlmc")
     if pilot is not None:  # what the automatic Lmin passed over (Giles' kurtosis check)
         result.warnings[:0] = [f"automatic Lmin passed over Lmin {c}: {why}" for c, why in sorted(pilot.excluded.items())]
+        if pilot.unchecked:
+            result.warnings.insert(0, f"automatic Lmin {pilot.lmin}: {pilot.unchecked}")
     if not converged:
         raise WeakConvergenceFailure(
             f"weak convergence failed: the bias estimate {result.bias_estimate:.3g} still exceeds sqrt(theta) eps = "

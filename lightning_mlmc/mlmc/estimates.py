@@ -35,6 +35,7 @@ class LevelMoments:
     kurtosis: float  # pixel-averaged sample kurtosis of Y_l
     nonzero: float = math.inf  # pixel-averaged count of samples whose Y_l is not exactly zero
     floored: bool = False  # mean and var raised to Giles' floors (``floor_untrusted``): the level is not trusted
+    single: tuple | None = None  # (count, sum, sum of squares) of the single fine paths (antithetic pairs' members)
 
 
 MIN_NONZERO = 2  # a level whose variance rests on fewer nonzero differences shows (nearly) no variation
@@ -62,8 +63,9 @@ def near_normal(m: LevelMoments) -> bool:
     """Whether a level's mean rests on at least ``NORMAL_NONZERO`` nonzero differences per pixel: a sum of
     fewer rare jumps (a discontinuous payoff's fine levels) is far from normal, so two standard errors are no
     confidence bound for it and its logarithm says little about the weak rate; such a level's mean neither
-    fails the bias test on its own nor enters the fit of alpha (it still counts in the pooled bias)."""
-    return m.nonzero >= NORMAL_NONZERO
+    fails the bias test on its own nor enters the fit of alpha (it still counts in the pooled bias). A level whose
+    samples mostly differ from zero (a continuous payoff) is not sparse, however few they are."""
+    return m.nonzero >= min(NORMAL_NONZERO, 0.5 * m.n)
 
 
 def level_moments(level: int, s: LevelSums) -> LevelMoments:
@@ -75,8 +77,9 @@ def level_moments(level: int, s: LevelSums) -> LevelMoments:
     central4 = m4 - 4 * m3 * mean + 6 * m2 * mean**2 - 3 * mean**4
     ok = central2 > 1e-300
     kurt = float((central4[ok] / central2[ok] ** 2).mean()) if ok.any() else 3.0
+    single = (float(s.sums["s0"][0]), s.sums["s1"], s.sums["s2"]) if s.sums["s0"].numel() else None
     return LevelMoments(level, s.n, mean, var, s.sums["f1"], s.sums["f2"], s.sums["c1"], s.sums["c2"], kurt,
-                        float(s.sums["nz"].mean()))
+                        float(s.sums["nz"].mean()), single=single)
 
 
 def floor_untrusted(moments: list[LevelMoments], lmin: int, M: int, alpha: float, beta: float) -> list[LevelMoments]:
@@ -221,26 +224,38 @@ def pooled_plain_variance(moments: list[LevelMoments], level: int, lmin: int) ->
 
 @dataclass(frozen=True)
 class PlainMC:
-    """A plain Monte Carlo estimator: ``samples`` paths of ``steps`` steps (level ``level``)."""
+    """A plain Monte Carlo estimator: ``samples`` paths of ``steps`` steps (level ``level``), or that many
+    antithetic pairs of them (``antithetic``)."""
 
     level: int
     steps: int
     samples: int
     cost: float  # samples x cost of one plain sample
     bias2: float  # the squared-bias bound it was sized with (upper confidence)
-    var: float  # V[P_level]
+    var: float  # V[P_level] (of a pair mean when antithetic)
     meets_eps: bool
+    antithetic: bool = False
+
+
+def single_path_variance(m: LevelMoments) -> float:
+    """Pixel-averaged variance of one fine path of the level (not of a pair mean): what plain MC without
+    antithetic pairs would face."""
+    n, s1, s2 = m.single
+    return float(((s2 / n - (s1 / n) ** 2).clamp_min(0.0) * (n / max(n - 1, 1))).mean()) if n > 1 else math.nan
 
 
 def plain_mc_alternative(moments: list[LevelMoments], lmin: int, M: int, eps: float, alpha: float,
                          plain_cost, steps_of=None, finest: int | None = None, alpha_se: float = 0.0,
-                         cautious: bool = False) -> PlainMC:
+                         cautious: bool = False, pairs: bool = False) -> PlainMC:
     """The fewest-cost plain MC that meets eps by these estimates: over the sampled levels, N_l =
     V[P_l] / (eps^2 - B_l^2) with B_l^2 the squared bias of P_l (each level its own bias/variance split), up
     to level ``finest`` (default: all). B_l^2 is the point estimate (noise floor removed) for the honest
     comparison, which must not favour MLMC, and one standard error above it when ``cautious`` (a plain-MC
     finish that has to meet eps itself), the extrapolated tail's uncertainty from alpha's included as in
-    MLMC's own bias test. When none meets eps, the finest level is returned with ``meets_eps`` False."""
+    MLMC's own bias test. With antithetic pairs (``pairs``: a sample is a pair mean, ``plain_cost`` a pair's)
+    plain MC with single paths (half the cost, their own variance) is a candidate too, except for a finish
+    (``cautious``), which draws what the levels draw. When none meets eps, the finest level is returned with
+    ``meets_eps`` False."""
     tail = remaining_bias_weights(moments, lmin, M, alpha, alpha_se=alpha_se)
     rel = tail_relative_sd(M, alpha, alpha_se) if cautious else 0.0
     best, fallback = None, None
@@ -254,14 +269,18 @@ def plain_mc_alternative(moments: list[LevelMoments], lmin: int, M: int, eps: fl
         b2 = bias.upper if cautious else bias.value
         steps = steps_of(m.level) if steps_of else M**m.level
         room = eps**2 - b2
-        if room > 0:
-            n = max(2, math.ceil(var / room))
-            cand = PlainMC(m.level, steps, n, n * plain_cost(m.level), b2, var, True)
-            if best is None or cand.cost < best.cost:
-                best = cand
+        kinds = [(var, plain_cost(m.level), pairs)]
+        if pairs and not cautious and m.single is not None:
+            kinds.append((single_path_variance(m), plain_cost(m.level) / 2, False))
+        for v, c, anti in kinds:
+            if room > 0 and math.isfinite(v):
+                n = max(2, math.ceil(v / room))
+                cand = PlainMC(m.level, steps, n, n * c, b2, v, True, anti)
+                if best is None or cand.cost < best.cost:
+                    best = cand
         room = eps**2 - bias.value
         n = max(2, math.ceil(var / room)) if room > 0 else 0
-        fallback = PlainMC(m.level, steps, n, n * plain_cost(m.level), bias.value, var, False)
+        fallback = PlainMC(m.level, steps, n, n * plain_cost(m.level), bias.value, var, False, pairs)
     return best or fallback
 
 

@@ -123,10 +123,12 @@ def result(run, converged: bool, wall_seconds: float, method: str) -> MLMCResult
         wall_seconds=wall_seconds, M=M, lmin=run.lmin, theta=s.theta, converged=converged,
         pilot_nfe=float(st.pilot_nfe), method=method, mc_level=st.mc_level if method == "mc" else None,
         mc_reason=st.mc_reason if method == "mc" else None, lmin_reason=st.lmin_reason,
-        mc_steps=int(mc.steps), mc_samples=int(mc.samples), mc_meets_eps=bool(mc.meets_eps),
+        mc_steps=int(mc.steps), mc_samples=int(mc.samples) * (2 if mc.antithetic else 1),  # paths: nfe_mc = steps x
+        mc_meets_eps=bool(mc.meets_eps), mc_antithetic=bool(mc.antithetic),  # samples (pairs: twice the pairs)
         nfe_mc_same_grid=float(same), savings_same_grid=float(same / nfe), rounds=st.rounds,
         sequential_calls=int(st.sequential_calls), rows_per_call=calls / max(st.sequential_calls, 1),
-        mc_sequential_calls=engine.plain_mc_calls(int(mc.steps), int(mc.samples), s.batch_size, s.row_budget),
+        mc_sequential_calls=engine.plain_mc_calls(int(mc.steps), int(mc.samples) * (2 if mc.antithetic else 1),
+                                                  s.batch_size * (2 if mc.antithetic else 1), s.row_budget),
         world_size=world_size(), scheme=dict(getattr(run.levels, "scheme", {}) or {}), warnings=warnings,
         moments=moments,
     )

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from lightning_mlmc.mlmc.sums import LevelSums
-from lightning_mlmc.sampling import derive_seed
+from lightning_mlmc.sampling import derive_seed, pair_means
 
 
 def _normal_cdf(x: float) -> float:
@@ -51,40 +51,49 @@ class GBMCall:
     T: float = 1.0
     seed: int = 0
     pixels: int = 1
+    antithetic: bool = False  # a sample is the mean of the paths driven by dW and -dW (Giles' antithetic variates)
 
     @property
     def exact(self) -> float:
         return black_scholes_call(self.S0, self.K, self.r, self.sigma, self.T)
+
+    @property
+    def paths(self) -> int:
+        return 2 if self.antithetic else 1
 
     def payoff(self, s: torch.Tensor) -> torch.Tensor:
         """The undiscounted payoff of terminal values ``s``."""
         return (s - self.K).clamp_min(0.0)
 
     def cost(self, level: int) -> float:
-        return float(self.M**level)
+        return float(self.paths * self.M**level)
 
     def plain_cost(self, level: int) -> float:
-        return float(self.M**level)
+        return float(self.paths * self.M**level)
 
     def with_lmin(self, lmin: int) -> "GBMCall":
         return replace(self, lmin=int(lmin))
 
     def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums:
         g = torch.Generator().manual_seed(derive_seed(self.seed, level, batch_index, rank))
-        M, nf = self.M, self.M**level
+        M, nf, rows = self.M, self.M**level, n * self.paths
         hf = self.T / nf
-        xf = torch.full((n,), self.S0, dtype=torch.float64)
+        xf = torch.full((rows,), self.S0, dtype=torch.float64)
         xc = xf.clone()
         for _ in range(nf // M if level > 0 else 1):
             dw = torch.randn(n, M if level > 0 else 1, generator=g, dtype=torch.float64) * math.sqrt(hf)
+            dw = torch.cat([dw, -dw]) if self.antithetic else dw
             for i in range(dw.shape[1]):
                 xf = xf + self.r * xf * hf + self.sigma * xf * dw[:, i]
             if level > 0:
                 xc = xc + self.r * xc * M * hf + self.sigma * xc * dw.sum(1)
         discount = math.exp(-self.r * self.T)
         pf = discount * self.payoff(xf)
-        pc = discount * self.payoff(xc) if level > self.lmin else None  # plain at Lmin
-        return LevelSums.from_payoffs(pf[:, None], None if pc is None else pc[:, None], n * nf)
+        pc = discount * self.payoff(xc)[:, None] if level > self.lmin else None  # plain at Lmin
+        if self.antithetic:
+            return LevelSums.from_payoffs(pair_means(pf[:, None]), None if pc is None else pair_means(pc),
+                                          rows * nf, single=pf[:, None])
+        return LevelSums.from_payoffs(pf[:, None], pc, n * nf)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ import lightning_mlmc.mlmc.engine as engine
 from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_std, coarse_noise_weights
 from lightning_mlmc.mlmc.payoffs import apply_payoff, make_payoff
 from lightning_mlmc.mlmc.sums import LevelSums
-from lightning_mlmc.sampling import Model, NoiseSource, StartDistribution, Streams, check_sampler, gaussian_start
+from lightning_mlmc.sampling import (Model, NoiseSource, StartDistribution, Streams, check_sampler, gaussian_start,
+                                     pair_means)
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
 Tensor = torch.Tensor
@@ -100,13 +101,17 @@ class CoupledLevelSampler:
         data_std: the ``jacobian`` coupling's data scale (0.5: images in [-1, 1]).
         payoff: per-pixel payoff (see ``make_payoff``).
         seed: base seed; each (level, batch, rank) has its own stream.
+        antithetic: a sample is the mean of an antithetic pair of paths (noise z and -z: the start and every
+            step's draw, fine and coarse); N_l counts pairs and the cost counts both paths.
     """
 
     def __init__(self, model: Model, y: Tensor | None, shape, *, M: int = 2, lmin: int = 0,
                  sampler: str = "ddpm", coupling: Coupling = "naive", data_std: float = 0.5, payoff="second_moment",
                  start: StartDistribution | None = None, grid: TimeGrid | None = None,
-                 schedule: VPSchedule | None = None, seed: int = 0, dtype=torch.float64, device="cpu"):
+                 schedule: VPSchedule | None = None, seed: int = 0, dtype=torch.float64, device="cpu",
+                 antithetic: bool = False):
         self.model, self.y, self.shape = model, y, tuple(shape)
+        self.antithetic = bool(antithetic)
         self.M, self.lmin = check_M(M), int(lmin)
         self.sampler, self.coupling = check_sampler(sampler), check_coupling(coupling)
         self.data_std = check_data_std(data_std)
@@ -126,19 +131,34 @@ class CoupledLevelSampler:
         copy.lmin = int(lmin)
         return copy
 
+    @property
+    def paths(self) -> int:
+        """Paths per sample: 2 with antithetic pairs (a sample is the pair mean), else 1."""
+        return 2 if self.antithetic else 1
+
     def cost(self, level: int) -> float:
-        """NFEs per sample: M^l + M^(l-1), or M^l at Lmin."""
-        return level_cost(self.M, level, self.lmin)
+        """NFEs per sample: M^l + M^(l-1), or M^l at Lmin (twice that with antithetic pairs)."""
+        return self.paths * level_cost(self.M, level, self.lmin)
 
     def plain_cost(self, level: int) -> float:
-        """NFEs of one plain sample of P_l (the sequential sampler with M^l steps)."""
-        return float(self.M**level)
+        """NFEs of one plain sample of P_l (the sequential sampler with M^l steps; a pair of them with
+        antithetic pairs)."""
+        return float(self.paths * self.M**level)
 
     @property
     def scheme(self) -> dict:
         """The scheme these levels run (recorded in MLMC results)."""
         return {"grid": self.grid.kind, "rho": self.grid.rho, "coupling": self.coupling, "sampler": self.sampler,
-                **({"data_std": self.data_std} if self.coupling == "jacobian" else {})}
+                "antithetic": self.antithetic, **({"data_std": self.data_std} if self.coupling == "jacobian" else {})}
+
+    def level_sums(self, x_f: Tensor, x_c: Tensor | None, calls: int) -> LevelSums:
+        """The sums of one batch's finished paths (payoffs on the CPU, float64); with antithetic pairs a sample
+        is the pair mean of rows (i, i + n) of both paths (the single fine paths are summed too)."""
+        pf = apply_payoff(self.payoff, x_f).cpu()
+        pc = None if x_c is None else apply_payoff(self.payoff, x_c).cpu()
+        if not self.antithetic:
+            return LevelSums.from_payoffs(pf, pc, calls)
+        return LevelSums.from_payoffs(pair_means(pf), None if pc is None else pair_means(pc), calls, single=pf)
 
     def coefficients(self, steps: int) -> StepCoefficients:
         """The step coefficients of the grid with ``steps`` steps (cached)."""
@@ -175,9 +195,9 @@ class CoupledPaths:
     depend on what else the engine evaluates with them."""
 
     def __init__(self, sampler: CoupledLevelSampler, level: int, n: int, batch_index: int, rank: int, plain: bool):
-        self.sampler, self.level, self.n = sampler, level, n
-        self.noise = NoiseSource(sampler.seed, (n, *sampler.shape), stream=(level, batch_index, rank),
-                                 dtype=sampler.dtype, device=sampler.device)
+        self.sampler, self.level, self.n = sampler, level, n * sampler.paths  # n samples: n pairs of paths, or n
+        self.noise = NoiseSource(sampler.seed, (self.n, *sampler.shape), stream=(level, batch_index, rank),
+                                 dtype=sampler.dtype, device=sampler.device, antithetic=sampler.antithetic)
         self.M, self.steps = sampler.M, sampler.M**level
         self.coupled = level > sampler.lmin and not plain
         self.cf = sampler.coefficients(self.steps)
@@ -224,8 +244,5 @@ class CoupledPaths:
         self.k += 1
 
     def sums(self) -> LevelSums:
-        """The level sums of the finished paths (payoffs on the CPU, float64)."""
-        payoff = self.sampler.payoff
-        pf = apply_payoff(payoff, self.x_f).cpu()
-        pc = None if self.x_c is None else apply_payoff(payoff, self.x_c).cpu()
-        return LevelSums.from_payoffs(pf, pc, self.calls)
+        """The level sums of the finished paths (``CoupledLevelSampler.level_sums``)."""
+        return self.sampler.level_sums(self.x_f, self.x_c, self.calls)

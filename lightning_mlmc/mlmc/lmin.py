@@ -28,6 +28,8 @@ class LminChoice:
     sequential_calls: int = 0  # network calls made one after another
     excluded: dict = field(default_factory=dict)  # candidate -> why it was not chosen (Giles' kurtosis check)
     n: int = 0  # the pilot's samples per level before the kurtosis check grew the candidate's levels
+    costs: dict = field(default_factory=dict)  # level -> cost of one coupled pilot sample (the levels' own)
+    unchecked: str | None = None  # why the chosen Lmin's kurtosis could not be checked within the pilot's budget
 
     def unused_cost(self) -> tuple[float, int]:
         """(NFEs by the cost formula, network calls counted) of the pilot levels at or below Lmin: the part
@@ -35,7 +37,7 @@ class LminChoice:
         nfe, calls = 0.0, 0
         for level, sums in self.pilot.items():
             if level <= self.lmin:
-                nfe += sums.n * (self.M**level + self.M ** (level - 1))
+                nfe += sums.n * self.costs.get(level, self.M**level + self.M ** (level - 1))
                 calls += sums.calls
         return nfe, calls
 
@@ -101,22 +103,33 @@ def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: flo
             lmin, predicted = _select(pilot, M)
             n = target
     # Giles' kurtosis check on the levels the choice rests on: the candidate's own level and the first coupled
-    # level above it; a pilot too small to see a kurtosis above the threshold grows there first.
+    # level above it; a pilot too small to see a kurtosis above the threshold grows there first, within
+    # ``pilot_fraction`` of the predicted run (the driver's per-round re-check guards the rest).
     excluded: dict[int, str] = {}
+    unchecked = None
     while lmin in predicted:
         check = [l for l in (lmin, lmin + 1) if l in pilot]
-        short = {l: KURTOSIS_PILOT - pilot[l].n for l in check if pilot[l].n < KURTOSIS_PILOT}
+        want = KURTOSIS_PILOT
+        if eps is not None:
+            scale = probe.cost(max(pilot)) / level_cost(M, max(pilot), 0)  # the levels' cost unit (2 with pairs)
+            run_cost = scale * predicted[lmin] ** 2 / ((1 - theta) * eps**2)
+            want = min(want, max(n, int(pilot_fraction * run_cost / sum(probe.cost(l) for l in check))))
+        short = {l: want - pilot[l].n for l in check if pilot[l].n < want}
         if short:
             draw(short)
             lmin, predicted = _select(pilot, M, excluded)
             continue
+        unchecked = (f"kurtosis of levels {check} not checked: {min(pilot[l].n for l in check)} pilot samples cannot "
+                     f"show {KURTOSIS_WARNING:.0f} ({KURTOSIS_PILOT} would cost more than a tenth of the run)"
+                     if want < KURTOSIS_PILOT else None)
         heavy = {l: level_stats(l, pilot[l], 0.0).kurtosis for l in check}
         heavy = {l: k for l, k in heavy.items() if k > KURTOSIS_WARNING}
         if not heavy:
             break
         excluded[lmin] = "; ".join(f"kurtosis {k:.3g} at level {l}" for l, k in heavy.items())
         lmin, predicted = _select(pilot, M, excluded)
-    return LminChoice(lmin, max(pilot), predicted, pilot, batches, M, rounds, calls, excluded, n)
+    return LminChoice(lmin, max(pilot), predicted, pilot, batches, M, rounds, calls, excluded, n,
+                      {l: probe.cost(l) for l in pilot}, unchecked)
 
 
 def _select(pilot: dict[int, LevelSums], M: int, excluded=()) -> tuple[int, dict[int, float]]:

@@ -27,7 +27,6 @@ import torch
 
 from lightning_mlmc.errors import InputError, NumericalError
 from lightning_mlmc.mlmc.levels import CoupledLevelSampler
-from lightning_mlmc.mlmc.payoffs import apply_payoff
 from lightning_mlmc.mlmc.sums import LevelSums
 from lightning_mlmc.picard.window import SLIDE_RULES, Trajectory, slide_stride
 from lightning_mlmc.sampling import NoiseSource
@@ -168,7 +167,7 @@ class PicardCoupledPaths:
     network rows evaluated. The trajectories are allocated at the first round and freed at the end."""
 
     def __init__(self, sampler: PicardLevelSampler, level: int, n: int, batch_index: int, rank: int, plain: bool):
-        self.sampler, self.level, self.n = sampler, level, n
+        self.sampler, self.level, self.n = sampler, level, n * sampler.paths  # rows: both paths of every pair
         self.stream = (level, batch_index, rank)
         self.M, self.steps = sampler.M, sampler.M**level
         self.coupled = level > sampler.lmin and not plain
@@ -200,7 +199,8 @@ class PicardCoupledPaths:
     def _start(self) -> None:
         """x_T and every step's noise, drawn before iterating (the sequential paths' draws)."""
         s = self.sampler
-        noise = NoiseSource(s.seed, (self.n, *s.shape), stream=self.stream, dtype=s.dtype, device=s.device)
+        noise = NoiseSource(s.seed, (self.n, *s.shape), stream=self.stream, dtype=s.dtype, device=s.device,
+                            antithetic=s.antithetic)
         cf = s.coefficients(self.steps)
         draws = _FineDraws(noise, cf.noise > 0)
         stochastic = s.sampler == "ddpm"
@@ -244,8 +244,5 @@ class PicardCoupledPaths:
             self.finished = True
 
     def sums(self) -> LevelSums:
-        """The level sums of the finished paths (payoffs on the CPU, float64)."""
-        payoff = self.sampler.payoff
-        pf = apply_payoff(payoff, self.x_f).cpu()
-        pc = None if self.x_c is None else apply_payoff(payoff, self.x_c).cpu()
-        return LevelSums.from_payoffs(pf, pc, self.calls)
+        """The level sums of the finished paths (``CoupledLevelSampler.level_sums``)."""
+        return self.sampler.level_sums(self.x_f, self.x_c, self.calls)

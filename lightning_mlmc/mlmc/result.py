@@ -47,6 +47,7 @@ class MLMCResult:
     mc_steps: int = 0
     mc_samples: int = 0
     mc_meets_eps: bool = True
+    mc_antithetic: bool = False  # the plain MC named draws antithetic pairs (mc_samples counts their paths)
     nfe_mc_same_grid: float = 0.0
     savings_same_grid: float = 0.0
     rounds: int = 0

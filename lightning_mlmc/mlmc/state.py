@@ -26,6 +26,8 @@ def _sums(d: dict) -> LevelSums:
     """LevelSums from their saved form (a sum a state file of an older version lacks is zero)."""
     sums = {k: torch.tensor(v, dtype=torch.float64) for k, v in d["sums"].items()}
     p = len(next(iter(sums.values())))
+    if "s0" not in sums:  # single paths: the fine paths themselves (no pairs then)
+        sums.update(s0=torch.full((p,), float(d["n"]), dtype=torch.float64), s1=sums["f1"], s2=sums["f2"])
     return LevelSums(d["n"], {k: sums.get(k, torch.zeros(p, dtype=torch.float64)) for k in SUM_NAMES}, d["calls"])
 
 

@@ -12,14 +12,16 @@ from dataclasses import dataclass
 import torch
 
 Tensor = torch.Tensor
-SUM_NAMES = ("y1", "y2", "y3", "y4", "f1", "f2", "c1", "c2", "nz")
+SUM_NAMES = ("y1", "y2", "y3", "y4", "f1", "f2", "c1", "c2", "nz", "s0", "s1", "s2")
 
 
 @dataclass
 class LevelSums:
     """Per-pixel sums over samples of Y = P_f - P_c (powers 1-4), of P_f and P_c (powers 1-2), the count of
     samples whose Y is not zero (``nz``: a discontinuous payoff's level differences are mostly exactly zero, and
-    a variance resting on one or two of them cannot be trusted), with costs.
+    a variance resting on one or two of them cannot be trusted), with costs. With antithetic pairs a sample is
+    a pair mean; ``s0``, ``s1``, ``s2`` count and sum the single fine paths (both members of every pair), so
+    plain MC without pairs can be priced too.
 
     Attributes:
         n: samples summed.
@@ -42,13 +44,16 @@ class LevelSums:
             self.sums[k] = self.sums[k] + other.sums[k]
 
     @classmethod
-    def from_payoffs(cls, pf: Tensor, pc: Tensor | None, calls: int) -> "LevelSums":
-        """Sums of N samples: fine payoffs ``pf`` (N, k) and coarse ``pc`` (None at the coarsest level)."""
+    def from_payoffs(cls, pf: Tensor, pc: Tensor | None, calls: int, single: Tensor | None = None) -> "LevelSums":
+        """Sums of N samples: fine payoffs ``pf`` (N, k) and coarse ``pc`` (None at the coarsest level);
+        ``single``: the payoffs of the single fine paths when a sample is an antithetic pair mean (2N, k)."""
         y = pf if pc is None else pf - pc
         pc = torch.zeros_like(pf) if pc is None else pc
+        single = pf if single is None else single
         s = {"y1": y.sum(0), "y2": (y**2).sum(0), "y3": (y**3).sum(0), "y4": (y**4).sum(0),
              "f1": pf.sum(0), "f2": (pf**2).sum(0), "c1": pc.sum(0), "c2": (pc**2).sum(0),
-             "nz": (y != 0).sum(0).to(y.dtype)}
+             "nz": (y != 0).sum(0).to(y.dtype), "s0": torch.full_like(pf[0], float(single.shape[0])),
+             "s1": single.sum(0), "s2": (single**2).sum(0)}
         return cls(pf.shape[0], s, calls)
 
     @property

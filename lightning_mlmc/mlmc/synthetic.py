@@ -100,6 +100,7 @@ class SyntheticLevels:
             scc, scy = k2 * dc.pow(2).sum(0), k2 * (dc * dy).sum(0)
             sums.update(c1=n * cbar, c2=scc + n * cbar**2)
             sums.update(f1=sums["c1"] + sums["y1"], f2=sums["c2"] + 2 * (scy + n * cbar * ybar) + sums["y2"])
+        sums.update(s0=torch.full_like(ybar, float(n)), s1=sums["f1"], s2=sums["f2"])  # single paths: no pairs
         return LevelSums(n, sums, calls)
 
 
