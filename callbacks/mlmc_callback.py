@@ -1,4 +1,5 @@
-"""``MLMCCallback``: adaptive MLMC posterior moments for fixed validation observations, logged as a UQ dashboard."""
+"""``MLMCCallback``: adaptive MLMC posterior mean and std maps for fixed validation observations, logged as a UQ
+dashboard."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
     """Runs Giles' adaptive MLMC (``lightning_mlmc.mlmc.mlmc``) on the EMA weights at validation time.
 
     For each of the first ``observations`` fixed validation observations it estimates the posterior mean
-    and second moment in one run (payoff ``moments`` = [x, x^2], target RMSE ``eps`` averaged over both)
-    with ``config``, the ``MLMCConfig`` the command line builds (the library's defaults unless an option
+    and pixel-std maps (payoff ``mean_std``: target RMSE ``eps`` over both maps, ``maps.mean_std_maps``; each
+    map's RMSE estimate is logged as ``mlmc/mean_rmse`` and ``mlmc/std_rmse``, and coverage is measured
+    against sqrt(std^2 + mean_rmse^2), the spread of truth minus an estimated mean) with ``config``, the ``MLMCConfig`` the command line builds (the library's defaults unless an option
     says otherwise), and seed ``seed + i`` for observation i. It logs the configuration (the W&B run config,
     ``config`` in uq_summary.json) and prints the ``lightning-mlmc mlmc`` command (every field of ``config``
     as an option, ``--device``, the run's last checkpoint and observation 0 written as
@@ -112,7 +114,7 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         # Everything else is the command line's MLMC configuration (its defaults unless set), validated there.
         self.config = MLMCConfig.from_scheme(scheme, grid=grid, rho=rho, coupling=coupling, data_std=data_std,
                                              sampler=sampler, M=M, lmin=lmin, lmax=lmax, n0=n0, theta=theta,
-                                             payoff="moments", clip=clip, batch_size=batch_size, seed=seed)
+                                             payoff="mean_std", clip=clip, batch_size=batch_size, seed=seed)
         self.eps, self.observations, self.every_n_epochs = float(eps), int(observations), int(every_n_epochs)
         self.rates, self.rate_samples = rates, int(rate_samples)
         self.predict_eps, self.complexity_eps = float(predict_eps), [float(e) for e in complexity_eps]
@@ -191,7 +193,11 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         n = truth[0].numel()
         est = torch.stack([torch.as_tensor(np.asarray(r.estimate), dtype=torch.float64) for r in results])
         mean = est[:, :n].reshape(truth.shape).float()
-        std = (est[:, n:] - est[:, :n] ** 2).clamp_min(0).sqrt().reshape(truth.shape).float()
+        std = est[:, n:].reshape(truth.shape).float()  # payoff mean_std: [mean map, std map]
+        # Coverage with the maps' own uncertainty in mind: truth - estimated mean has the posterior's variance
+        # plus the mean map's squared error, so it is measured against sqrt(std^2 + rmse_mean^2).
+        mean_rmse = torch.tensor([r.maps.get("mean_rmse", 0.0) for r in results], dtype=torch.float32)
+        spread = (std**2 + mean_rmse.reshape(-1, *([1] * (std.dim() - 1))) ** 2).sqrt()
         truth = truth.float()
         nfe, nfe_mc = sum(r.nfe for r in results), sum(r.nfe_mc for r in results)
         fits = self.last_tests or results
@@ -208,8 +214,10 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             "mlmc/rmse_estimate": max(r.rmse_estimate for r in results),
             "mlmc/psnr": psnr(mean, truth),
             "mlmc/ssim": ssim(mean, truth) if truth.dim() == 4 else float("nan"),
-            "mlmc/coverage_1sd": coverage(mean, std, truth, 1.0),
-            "mlmc/coverage_2sd": coverage(mean, std, truth, 2.0),
+            "mlmc/coverage_1sd": coverage(mean, spread, truth, 1.0),
+            "mlmc/coverage_2sd": coverage(mean, spread, truth, 2.0),
+            "mlmc/mean_rmse": max(r.maps.get("mean_rmse", float("nan")) for r in results),
+            "mlmc/std_rmse": max(r.maps.get("std_rmse", float("nan")) for r in results),
             "mlmc/converged": float(all(r.converged for r in results)),
             **dashboard.complexity_scalars(self.last_predictions),
         }
@@ -236,6 +244,6 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             uq_map(path, obs_img, truth, mean, std, title=f"MLMC eps {self.eps:g}, step {trainer.global_step}")
             uq_logging.log_images(trainer, "mlmc/uq", [path])
         path = os.path.join(folder, "mlmc_zscore.png")
-        zscore_histogram(path, ((truth - mean) / std.clamp_min(1e-8)).numpy())
+        zscore_histogram(path, ((truth - mean) / spread.clamp_min(1e-8)).numpy())
         uq_logging.log_images(trainer, "mlmc/zscore", [path])
         return scalars

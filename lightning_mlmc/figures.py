@@ -57,18 +57,23 @@ def posterior_grid(path: str, truth: Tensor, observation: Tensor, samples: Tenso
 
 def uq_map(path: str, observation: Tensor, truth: Tensor, mean: Tensor, std: Tensor, title: str | None = None) -> None:
     """The standard uncertainty panel, one row per observation:
-    observation | truth | posterior mean | pixel std | abs error (shapes (N, C, H, W))."""
+    observation | truth | posterior mean | pixel std | |error| / std (shapes (N, C, H, W)).
+
+    Each quantity has its own colour scale and a colour bar: the std on [0, its largest value], the error in
+    units of the std on [0, 3] (a calibrated posterior keeps about 95% of the pixels below 2), so a small std
+    is not drawn black beside a larger error."""
     plt = _plt()
     n = truth.shape[0]
-    cols = ["observation", "truth", "posterior mean", "pixel std", "abs error"]
-    fig, axes = plt.subplots(n, 5, figsize=(6.5, 1.3 * n + 0.4), squeeze=False)
-    err = (mean - truth).abs()
-    vmax = float(max(std.max(), err.max())) or 1.0
+    cols = ["observation", "truth", "posterior mean", "pixel std", "|error| / std"]
+    fig, axes = plt.subplots(n, 5, figsize=(7.5, 1.3 * n + 0.6), squeeze=False)
+    z = (mean - truth).abs() / std.clamp_min(1e-8)
+    std_max = float(std.max()) or 1.0
     for i in range(n):
         for j, img in enumerate((observation[i], truth[i], mean[i])):
             _image(axes[i, j], img.detach().cpu().float().numpy(), -1, 1)
-        for j, img in ((3, std[i]), (4, err[i])):
-            _image(axes[i, j], img.detach().cpu().float().numpy().mean(0, keepdims=True), 0, vmax, "magma")
+        for j, img, vmax, cmap in ((3, std[i], std_max, "viridis"), (4, z[i], 3.0, "magma")):
+            _image(axes[i, j], img.detach().cpu().float().numpy().mean(0, keepdims=True), 0, vmax, cmap)
+            fig.colorbar(axes[i, j].images[0], ax=axes[i, j], fraction=0.046, pad=0.04).ax.tick_params(labelsize=6)
     _save_panel(fig, axes, cols, path, title)
 
 
@@ -158,6 +163,8 @@ def complexity_plot(path: str, eps: list[float], mlmc_nfe: list[float], mc_nfe: 
     ax.loglog(e, e**2 * np.asarray(mlmc_nfe, dtype=float), "o-", label="MLMC (predicted)")
     ax.loglog(e, e**2 * np.asarray(mc_nfe, dtype=float), "s--", label="plain MC (predicted)")
     ax.set(xlabel="eps", ylabel="eps^2 x cost (NFE)", title=title or "predicted cost against eps")
+    ax.set_xticks(e, [f"{v:g}" for v in e])  # one plain label per eps (log minor labels overlapped)
+    ax.xaxis.set_minor_formatter(_plt().NullFormatter())
     ax.invert_xaxis()
     ax.legend(fontsize=7)
     fig.tight_layout()

@@ -116,6 +116,8 @@ def mlmc_pngs(shape, payoff: str, estimate):
     if payoff == "moments":
         mean, second = est[:n], est[n:]
         return posterior_pngs(shape, mean, np.sqrt(np.clip(second - mean**2, 0.0, None)))
+    if payoff == "mean_std":
+        return posterior_pngs(shape, est[:n], est[n:])
     if payoff == "mean":
         return posterior_pngs(shape, est)
-    raise InputError(f"save-images: needs --payoff moments (posterior mean and std) or mean, not {payoff}")
+    raise InputError(f"save-images: needs --payoff mean_std or moments (posterior mean and std) or mean, not {payoff}")

@@ -71,12 +71,12 @@ def test_csv_logger_gets_scalars_pngs_and_tables(tmp_path):
 
 def cli_on_fitted_checkpoint(tmp_path, dm, command, *args):
     """Run ``command`` of the CLI on the fit's last.ckpt and first validation observation (the callback's
-    settings: moments payoff, clip 2, lmin 1, seed 3); returns (exit status, result JSON)."""
+    settings: mean_std payoff, clip 2, lmin 1, seed 3); returns (exit status, result JSON)."""
     _, y = dm.validation_observations(1)
     np.save(tmp_path / "y.npy", y[0].numpy())
     out = tmp_path / f"{command}.json"
     rc = cli_main([command, "--checkpoint", str(tmp_path / "ckpt" / "last.ckpt"), "--observation",
-                   str(tmp_path / "y.npy"), "--payoff", "moments", "--clip", "2", "--lmin", "1", "--seed", "3",
+                   str(tmp_path / "y.npy"), "--payoff", "mean_std", "--clip", "2", "--lmin", "1", "--seed", "3",
                    *args, "--out", str(out)])
     return rc, json.loads(out.read_text())
 

@@ -85,7 +85,7 @@ def test_the_configuration_is_logged_as_the_cli_builds_it(fitted):
     logged = config(run_file)["mlmc"]
     logged = logged.get("value", logged)
     assert {k: logged[k] for k in MLMCConfig().to_json()} == cb.config.to_json()
-    assert cb.config == MLMCConfig(payoff="moments", clip=2.0, lmin=1, lmax=3, n0=8, seed=5, batch_size=4)
+    assert cb.config == MLMCConfig(payoff="mean_std", clip=2.0, lmin=1, lmax=3, n0=8, seed=5, batch_size=4)
     assert shlex.split(logged["command"]) == cb.last_command
 
 

@@ -20,7 +20,7 @@ from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 
 # The choices repeat MLMCConfig's Literal fields: importing it here would load torch to parse arguments.
 COUPLING_CHOICES = ["naive", "weighted", "jacobian"]
-PAYOFF_CHOICES = ["second_moment", "mean", "moments"]
+PAYOFF_CHOICES = ["second_moment", "mean", "moments", "mean_std"]
 
 
 def add_commands(sub) -> None:

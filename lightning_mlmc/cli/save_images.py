@@ -22,7 +22,7 @@ def check_save_images(folder: str | None, shape, payoff: str | None = None) -> N
     from lightning_mlmc.images import check_image_shape
 
     check_image_shape(shape)
-    if payoff is not None and payoff not in ("moments", "mean"):
+    if payoff is not None and payoff not in ("mean_std", "moments", "mean"):
         raise InputError(f"save-images: needs --payoff moments (posterior mean and std) or mean, not {payoff}")
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise InputError(f"save-images: {folder!r} exists and is not a folder")

@@ -45,7 +45,8 @@ class MLMCConfig:
         sampler: ``ddpm`` (stochastic) or ``ddim`` (deterministic; couples through x_T alone).
         M: refinement factor; lmin: coarsest level or ``"auto"`` (chosen from a coupled pilot run);
         lmax: finest level allowed; n0: pilot samples per level; theta: the bias share of eps^2.
-        payoff, clip: f (``second_moment``, ``mean``, ``moments``) and the clamp of samples before it.
+        payoff, clip: f (``second_moment``, ``mean``, ``moments``, or ``mean_std``: the mean and pixel-std maps
+        to RMSE eps over both, ``maps.mean_std_maps``) and the clamp of samples before it.
         batch_size: samples per batch (each batch is one noise stream); row_budget: the most rows one network
         call takes (a round advances every batch of every level together); seed: base seed of every stream.
         picard_window, picard_tol: Picard-parallel levels (``picard_levels``): each batch's fine and coarse paths
@@ -187,7 +188,17 @@ def mlmc_auto(levels: CoupledLevelSampler, eps: float, *, lmax: int = 10, n0: in
 def run_mlmc(config: MLMCConfig, levels: CoupledLevelSampler, eps: float, *, state_path: str | None = None,
              state_key: str = "", progress=None) -> MLMCResult:
     """Giles' adaptive MLMC with ``config``'s settings on ``levels`` (``config.level_sampler(...)``), Lmin
-    chosen automatically first when ``config.lmin`` is ``"auto"`` (``mlmc_auto``)."""
+    chosen automatically first when ``config.lmin`` is ``"auto"`` (``mlmc_auto``); payoff ``mean_std`` runs
+    ``maps.mean_std_maps`` (two driver runs)."""
+    if config.payoff == "mean_std":
+        from lightning_mlmc.mlmc.maps import mean_std_maps
+
+        return mean_std_maps(_run_driver, config, levels, eps, state_path=state_path, state_key=state_key,
+                             progress=progress)
+    return _run_driver(config, levels, eps, state_path=state_path, state_key=state_key, progress=progress)
+
+
+def _run_driver(config: MLMCConfig, levels, eps: float, *, state_path=None, state_key: str = "", progress=None):
     run = mlmc_auto if config.lmin == "auto" else mlmc
     return run(levels, eps, lmax=config.lmax, n0=config.n0, theta=config.theta, batch_size=config.batch_size,
                row_budget=config.row_budget, state_path=state_path, state_key=state_key, progress=progress)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lightning_mlmc.mlmc.sums import LevelSums
+from lightning_mlmc.mlmc.sums import LevelSums, varies
 
 Tensor = torch.Tensor
 
@@ -75,7 +75,7 @@ def level_moments(level: int, s: LevelSums) -> LevelMoments:
     m2, m3, m4 = s.sums["y2"] / n, s.sums["y3"] / n, s.sums["y4"] / n
     central2 = (m2 - mean**2).clamp_min(0.0)
     central4 = m4 - 4 * m3 * mean + 6 * m2 * mean**2 - 3 * mean**4
-    ok = central2 > 1e-300
+    ok = varies(central2, m2)
     kurt = float((central4[ok] / central2[ok] ** 2).mean()) if ok.any() else 3.0
     single = (float(s.sums["s0"][0]), s.sums["s1"], s.sums["s2"]) if s.sums["s0"].numel() else None
     return LevelMoments(level, s.n, mean, var, s.sums["f1"], s.sums["f2"], s.sums["c1"], s.sums["c2"], kurt,

@@ -124,6 +124,14 @@ class CoupledLevelSampler:
         self._coef: dict[int, StepCoefficients] = {}
         self._weights: dict[int, list[list[float]]] = {}
 
+    def with_payoff(self, payoff) -> "CoupledLevelSampler":
+        """The same levels with another payoff (a callable (N, n) -> (N, k); sharing this sampler's caches)."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.payoff = payoff
+        copy.pixels = int(apply_payoff(payoff, torch.zeros(1, int(np.prod(self.shape)))).shape[1])
+        return copy
+
     def with_lmin(self, lmin: int) -> "CoupledLevelSampler":
         """The same levels with another coarsest level (sharing this sampler's caches)."""
         copy = object.__new__(type(self))

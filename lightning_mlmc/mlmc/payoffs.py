@@ -9,8 +9,8 @@ import torch
 from lightning_mlmc.errors import InputError
 
 Tensor = torch.Tensor
-PayoffName = Literal["second_moment", "mean", "moments"]
-PAYOFFS = ("second_moment", "mean", "moments")
+PayoffName = Literal["second_moment", "mean", "moments", "mean_std"]
+PAYOFFS = ("second_moment", "mean", "moments", "mean_std")
 
 
 def make_payoff(name: str | Callable = "second_moment", clip: float | None = None) -> Callable[[Tensor], Tensor]:
@@ -23,7 +23,7 @@ def make_payoff(name: str | Callable = "second_moment", clip: float | None = Non
         base = lambda x: x * x  # noqa: E731
     elif name == "mean":
         base = lambda x: x  # noqa: E731
-    elif name == "moments":
+    elif name in ("moments", "mean_std"):  # mean_std: its first run's (``maps.mean_std_maps``)
         base = lambda x: torch.cat([x, x * x], dim=1)  # noqa: E731
     else:
         raise InputError(f"payoff: unknown payoff {name!r}; expected second_moment, mean, moments or a callable")

@@ -57,6 +57,7 @@ class MLMCResult:
     world_size: int = 1
     scheme: dict = field(default_factory=dict)  # grid, coupling, sampler, ... of the level function
     warnings: list = field(default_factory=list)  # Giles' kurtosis and consistency warnings on the levels
+    maps: dict = field(default_factory=dict)  # payoff mean_std: each map's RMSE estimate (``maps.mean_std_maps``)
     moments: list = field(default_factory=list, repr=False)  # per-pixel LevelMoments of ``levels``
 
     def to_json(self) -> dict:

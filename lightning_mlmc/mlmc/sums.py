@@ -82,6 +82,14 @@ class LevelStats:
     floored: bool = False  # no variation seen: the driver used Giles' floors for its mean and variance
 
 
+def varies(central2: Tensor, second: Tensor) -> Tensor:
+    """The pixels whose kurtosis the power sums can give: a variance above 1e-6 of the mean square. The fourth
+    central moment is m4 - 4 m3 m1 + 6 m2 m1^2 - 3 m1^4, whose rounding error is about 1e-16 m1^4; below this
+    threshold it swamps central2^2 (a pixel nearly constant next to its mean, as an antithetic pair mean of an
+    affine chain is, read a kurtosis of 1e15)."""
+    return central2 > 1e-6 * second.abs() + 1e-300
+
+
 def level_stats(level: int, s: LevelSums, cost: float) -> LevelStats:
     n = max(s.n, 1)
     m1, m2 = s.sums["y1"] / n, s.sums["y2"] / n
@@ -89,7 +97,7 @@ def level_stats(level: int, s: LevelSums, cost: float) -> LevelStats:
     var = (m2 - m1**2).clamp_min(0.0)
     f1, f2 = s.sums["f1"] / n, s.sums["f2"] / n
     central4 = m4 - 4 * m3 * m1 + 6 * m2 * m1**2 - 3 * m1**4
-    ok = var > 1e-300
+    ok = varies(var, m2)
     kurt = float((central4[ok] / var[ok] ** 2).mean()) if ok.any() else 0.0
     return LevelStats(level, s.n, float(m1.pow(2).mean().sqrt()), float(var.mean()), cost,
                       float(f1.pow(2).mean().sqrt()), float((f2 - f1**2).clamp_min(0).mean()), kurt, s.calls,
