@@ -132,23 +132,25 @@ def run_mlmc(target: Target, scheme: MLMCConfig, eps: float, seed: int, *, n0: i
     return out
 
 
-def run_mc(target: Target, scheme: MLMCConfig, steps: int, n: int, seed: int, *, batch_size: int = 2000) -> dict:
+def run_mc(target: Target, scheme: MLMCConfig, steps: int, n: int, seed: int, *, batch_size: int = 2000,
+           antithetic: bool = False) -> dict:
     """Plain MC with ``n`` samples of the ``steps``-step sampler on the scheme's grid (the alternative an MLMC
-    result names: ``mc_steps`` x ``mc_samples``), its network rows counted."""
+    result names: ``mc_steps`` x ``mc_samples``), its network rows counted; ``antithetic``: n pairs of paths."""
     payoff = make_payoff("second_moment")
     timed = TimedModel(target.model)
     total = torch.zeros(int(np.prod(target.shape)), dtype=torch.float64)
+    paths = 2 if antithetic else 1
     tic, done, b = time.perf_counter(), 0, 0
     while done < n:
         nb = min(batch_size, n - done)
-        noise = NoiseSource(seed, (nb, *target.shape), stream=(Streams.PLAIN_MC + b,), dtype=target.dtype,
-                            device=target.device)
+        noise = NoiseSource(seed, (paths * nb, *target.shape), stream=(Streams.PLAIN_MC + b,), dtype=target.dtype,
+                            device=target.device, antithetic=antithetic)
         x = sample(timed, target.y, noise, steps=steps, sampler=scheme.sampler, grid=scheme.time_grid()).samples
-        total += payoff(x.reshape(nb, -1)).double().sum(0).cpu()
+        total += payoff(x.reshape(paths * nb, -1)).double().sum(0).cpu() / paths
         done, b = done + nb, b + 1
     est = total / n
-    out = {"scheme": label(scheme), "seed": seed, "steps": steps, "n_samples": n, "nfe": timed.rows,
-           "wall_seconds": time.perf_counter() - tic, "estimate": est.tolist()}
+    out = {"scheme": label(scheme), "seed": seed, "steps": steps, "n_samples": n, "antithetic": antithetic,
+           "nfe": timed.rows, "wall_seconds": time.perf_counter() - tic, "estimate": est.tolist()}
     if target.truth is not None:
         out["error"] = rmse_to_truth(est, target.truth)
     return out
