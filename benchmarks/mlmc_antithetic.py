@@ -26,9 +26,10 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_info
-from benchmarks.mlmc_bench import ROOT, analytic_target, log, rmse_to_truth, run_mc, trained_target, write_result
+from benchmarks.mlmc_bench import (ROOT, analytic_target, driver_result, log, rmse_to_truth, run_mc, trained_target,
+                                   write_result)
 from lightning_mlmc import WeakConvergenceFailure
-from lightning_mlmc.mlmc import MLMCConfig, mlmc, run_mlmc
+from lightning_mlmc.mlmc import MLMCConfig, run_mlmc
 from lightning_mlmc.mlmc.gbm import GBMCall
 from lightning_mlmc.problems import AnalyticSpec
 
@@ -94,10 +95,7 @@ def gbm_rows(eps_list=(0.05, 0.02), seeds=range(10)) -> list[dict]:
             costs, errs, mc = [], [], []
             for seed in seeds:
                 g = GBMCall(seed=seed, antithetic=pairs)
-                try:
-                    r = mlmc(g, eps, n0=1000)
-                except WeakConvergenceFailure as e:
-                    r = e.result
+                r = driver_result(g, eps, n0=1000)
                 costs.append(r.nfe)
                 errs.append(r.estimate[0] - g.exact)
                 mc.append(r.nfe_mc)

@@ -132,6 +132,16 @@ def run_mlmc(target: Target, scheme: MLMCConfig, eps: float, seed: int, *, n0: i
     return out
 
 
+def driver_result(levels, eps: float, run=None, **kw):
+    """The adaptive driver's result (``run``: ``mlmc`` by default), a weak-convergence failure's included."""
+    from lightning_mlmc.mlmc import mlmc
+
+    try:
+        return (run or mlmc)(levels, eps, **kw)
+    except WeakConvergenceFailure as e:
+        return e.result
+
+
 def run_mc(target: Target, scheme: MLMCConfig, steps: int, n: int, seed: int, *, batch_size: int = 2000,
            antithetic: bool = False) -> dict:
     """Plain MC with ``n`` samples of the ``steps``-step sampler on the scheme's grid (the alternative an MLMC

@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_info
-from benchmarks.mlmc_bench import ROOT, log, rmse_to_truth, run_mlmc, slim, trained_model_paths, trained_target, write_result
-from lightning_mlmc import WeakConvergenceFailure
-from lightning_mlmc.mlmc import MLMCConfig, mlmc, mlmc_auto
+from benchmarks.mlmc_bench import (ROOT, driver_result, log, rmse_to_truth, run_mlmc, slim, trained_model_paths,
+                                   trained_target, write_result)
+from lightning_mlmc.mlmc import MLMCConfig, mlmc_auto
 from lightning_mlmc.mlmc.gbm import GBMDigital
 from tests.robust_cases import RareOutliers
 from tests.test_mlmc_robust import _cheapest_plain_mc
@@ -64,10 +64,7 @@ def digital_rows(seeds=range(20)) -> list[dict]:
             costs, errors, methods = [], [], []
             for seed in seeds:
                 g = GBMDigital(seed=seed, M=M)
-                try:
-                    r = mlmc(g, eps, lmax=10)
-                except WeakConvergenceFailure as e:
-                    r = e.result
+                r = driver_result(g, eps, lmax=10)
                 costs.append(r.nfe)
                 errors.append(r.estimate[0] - g.exact)
                 methods.append(r.method)
@@ -85,10 +82,7 @@ def outlier_rows(seeds=range(10), eps=0.02) -> list[dict]:
         ratios, errors, methods = [], [], []
         for seed in seeds:
             p = RareOutliers(seed=seed, q=q, A=A)
-            try:
-                r = mlmc_auto(p, eps, lmax=12)
-            except WeakConvergenceFailure as e:
-                r = e.result
+            r = driver_result(p, eps, mlmc_auto, lmax=12)
             ratios.append(r.nfe / _cheapest_plain_mc(p, eps))
             errors.append(r.estimate[0] - p.exact)
             methods.append(r.method)
