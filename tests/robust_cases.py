@@ -7,12 +7,12 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lightning_mlmc.mlmc import LevelSums
+from lightning_mlmc.mlmc import LevelFunction, LevelSums
 from lightning_mlmc.sampling import derive_seed
 
 
 @dataclass(frozen=True)
-class RareOutliers:
+class RareOutliers(LevelFunction):
     """Levels whose coarse approximations are occasionally far off, as a sampler with too few steps is.
 
     P_l = mu + b 2^-l + G + c sum_(k<=l) 2^-k Z_k + A 4^-l S 1{U < q} 1{l < clean}, with G, Z_k, a random sign
@@ -41,6 +41,8 @@ class RareOutliers:
 
     def plain_cost(self, level: int) -> float:
         return float(2**level)
+
+    can_change_lmin = True
 
     def with_lmin(self, lmin: int) -> "RareOutliers":
         return replace(self, lmin=int(lmin))

@@ -19,14 +19,14 @@ import pytest
 import torch
 
 from lightning_mlmc import ExactPosteriorEps, WeakConvergenceFailure
-from lightning_mlmc.mlmc import LevelSums, MLMCConfig, run_mlmc
+from lightning_mlmc.mlmc import LevelFunction, LevelSums, MLMCConfig, run_mlmc
 from tests.analytic_cases import EXAMPLES, bimodal2d
 from tests.rounding import assert_estimates_agree, exact_score_ops
 
 EPS = 0.1
 
 
-class TwoRanks:
+class TwoRanks(LevelFunction):
     """The level function as two ranks see it, in one process: rank r's share of n from stream (..., r)."""
 
     def __init__(self, levels):
@@ -37,6 +37,15 @@ class TwoRanks:
 
     def plain_cost(self, level):
         return self.levels.plain_cost(level)
+
+    can_change_lmin = True
+
+    @property
+    def antithetic(self):
+        return self.levels.antithetic
+
+    def steps(self, level):
+        return self.levels.steps(level)
 
     def with_lmin(self, lmin):
         return TwoRanks(self.levels.with_lmin(lmin))

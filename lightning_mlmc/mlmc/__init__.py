@@ -16,7 +16,8 @@ from lightning_mlmc.mlmc.diagnostics import ComplexityRow, ConvergenceRow, MLMCT
 from lightning_mlmc.mlmc.driver import mlmc
 from lightning_mlmc.mlmc.plan import fit_growth, fit_rate, optimal_samples
 from lightning_mlmc.mlmc.result import MLMCResult
-from lightning_mlmc.mlmc.levels import CoupledLevelSampler, LevelFunction, UserLevels, level_cost
+from lightning_mlmc.mlmc.levels import CoupledLevelSampler
+from lightning_mlmc.mlmc.protocol import LevelFunction, UserLevels, level_cost
 from lightning_mlmc.mlmc.lmin import LminChoice, choose_lmin
 from lightning_mlmc.mlmc.payoffs import apply_payoff, make_payoff
 from lightning_mlmc.mlmc.picard_levels import PicardLevelSampler

@@ -20,7 +20,7 @@ from lightning_mlmc.mlmc.engine import DEFAULT_ROW_BUDGET
 from lightning_mlmc.mlmc.diagnostics import MLMCTestResult, mlmc_test
 from lightning_mlmc.mlmc.driver import first_pilot, mlmc
 from lightning_mlmc.mlmc.result import MLMCResult
-from lightning_mlmc.mlmc.levels import CoupledLevelSampler, check_M, level_cost
+from lightning_mlmc.mlmc.levels import CoupledLevelSampler, check_M
 from lightning_mlmc.mlmc.lmin import choose_lmin
 from lightning_mlmc.mlmc.payoffs import PAYOFFS, PayoffName, make_payoff
 from lightning_mlmc.mlmc.picard_levels import PICARD_TOL, PicardLevelSampler, check_picard_level_args
@@ -213,7 +213,7 @@ def run_mlmc_test(config: MLMCConfig, levels: CoupledLevelSampler, finest: int, 
         pilot = choose_lmin(levels, min(samples, config.n0), finest, batch_size=config.batch_size,
                             budget=config.row_budget, progress=progress)
         levels = levels.with_lmin(pilot.lmin)
-        pilot_nfe = float(sum(s.n * level_cost(config.M, l, 0) for l, s in pilot.pilot.items()))
+        pilot_nfe = float(sum(s.n * pilot.costs[l] for l, s in pilot.pilot.items()))
     result = mlmc_test(levels, finest, samples, eps_list, n0=config.n0, theta=config.theta, lmax=config.lmax,
                        batch_size=config.batch_size, budget=config.row_budget, progress=progress)
     result.pilot_nfe = pilot_nfe

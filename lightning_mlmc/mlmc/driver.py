@@ -103,7 +103,7 @@ class _Run:
         for level in range(self.lmin, self.st.L + 1):
             if level not in self.st.sums or self.st.sums[level].n == 0:
                 break
-            out.append(level_moments(level, self.st.sums[level]))
+            out.append(level_moments(level, self.st.sums[level], refines=self.levels.refines(level)))
         return out
 
     def rates(self, moments: list[LevelMoments]) -> Rates:
@@ -137,7 +137,13 @@ class _Run:
         """The coarsest L the bias test may accept: one level above the first asymptotic one (or above
         the finest sampled level while none is), and at least Lmin + 2 as in Giles' algorithm."""
         first = asymptotic_level(moments, self.lmin)
-        return min(self.s.lmax, max(self.lmin + 2, (first if first is not None else moments[-1].level) + 1))
+        low = max(self.lmin + 2, (first if first is not None else moments[-1].level) + 1)
+        # levels between two networks: two refining levels above the last one, so the bias extrapolates
+        # from the finest network's own levels
+        switches = [l for l in range(self.lmin + 1, self.s.lmax + 1) if not self.levels.refines(l)]
+        if switches:
+            low = max(low, switches[-1] + 2)
+        return min(self.s.lmax, low)
 
     # -- pilot --------------------------------------------------------------------------------------------
     def pilot_growth(self, moments: list[LevelMoments], rates: Rates) -> dict[int, int]:
@@ -173,15 +179,14 @@ class _Run:
 
     def plain_alternative(self, moments, rates, finest: int | None = None, cautious: bool = False):
         return plain_mc_alternative(moments, self.lmin, self.M, self.s.eps, rates.alpha, self.plain_cost,
-                                    finest=finest, alpha_se=rates.alpha_se, cautious=cautious,
-                                    pairs=getattr(self.levels, "antithetic", False))
+                                    steps_of=self.levels.steps, finest=finest, alpha_se=rates.alpha_se,
+                                    cautious=cautious, pairs=self.levels.antithetic)
 
     def plain_cost(self, level: int) -> float:
-        plain = getattr(self.levels, "plain_cost", None)
-        return plain(level) if plain is not None else self.levels.cost(self.lmin) * self.M ** (level - self.lmin)
+        return self.levels.plain_cost(level)
 
     def can_finish_plain(self) -> bool:
-        return hasattr(self.levels, "with_lmin")
+        return self.levels.can_change_lmin
 
     # -- plain-MC finish (finish.py) ---------------------------------------------------------------------
     def mc_round(self, moments: list[LevelMoments], rates: Rates) -> dict[int, int]:

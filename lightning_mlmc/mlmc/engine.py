@@ -12,6 +12,11 @@ A stepper may also be iterative (``picard_levels.PicardCoupledPaths``: one Picar
 evaluation, its number of rounds unknown in advance); the engine runs every stepper until it reports nothing
 remaining, and uses ``remaining`` only to order them.
 
+Rows may run on different networks (levels over networks: a distilled student on the coarse levels): each
+stepper names the network of each block of its rows (``networks``), and the engine evaluates each network's
+rows of a step in one call, so a step makes one call per network it needs. It times each network's calls, so
+a result can state the measured seconds per row of every network at the engine's batch sizes.
+
 The count of calls is what an accelerator waits on (``sequential_calls``); ``rows`` what it computes (NFEs).
 """
 
@@ -19,6 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Protocol
+
+import time
+from dataclasses import field
 
 import torch
 
@@ -43,11 +51,16 @@ class Stepper(Protocol):
     def consume(self, eps: Tensor) -> None:
         """Apply the step to the network's output for ``inputs()``."""
 
+    def networks(self) -> list[tuple[str, int]]:
+        """The network of each block of the next evaluation's rows, (name, rows) in row order."""
+
 
 @dataclass
 class EngineStats:
     calls: int = 0  # sequential network calls
     rows: int = 0  # network evaluations (sample rows)
+    network_rows: dict = field(default_factory=dict)  # network -> rows it evaluated
+    network_seconds: dict = field(default_factory=dict)  # network -> wall seconds of its calls
 
     @property
     def rows_per_call(self) -> float:
@@ -56,6 +69,15 @@ class EngineStats:
     def add(self, other: "EngineStats") -> None:
         self.calls += other.calls
         self.rows += other.rows
+        for name, rows in other.network_rows.items():
+            self.network_rows[name] = self.network_rows.get(name, 0) + rows
+            self.network_seconds[name] = self.network_seconds.get(name, 0.0) + other.network_seconds.get(name, 0.0)
+
+    def count(self, name: str, rows: int, seconds: float) -> None:
+        self.calls += 1
+        self.rows += rows
+        self.network_rows[name] = self.network_rows.get(name, 0) + rows
+        self.network_seconds[name] = self.network_seconds.get(name, 0.0) + seconds
 
 
 def schedule(remaining: list[int], rows: list[int], budget: int) -> list[int]:
@@ -71,6 +93,31 @@ def schedule(remaining: list[int], rows: list[int], budget: int) -> list[int]:
     return chosen
 
 
+def evaluate(networks: dict, blocks: list[tuple[str, int]], x: Tensor, y: Tensor | None, t: Tensor,
+             stats: EngineStats) -> Tensor:
+    """The eps of every row of ``x``, each block of rows by its network: one call per network (the rows of
+    a network gathered in order), timed into ``stats``."""
+    names = list(dict.fromkeys(name for name, _ in blocks))
+    if len(names) == 1:
+        tic = time.perf_counter()
+        eps = call_model(networks[names[0]], x, batch_obs(y, x.shape[0]), t)
+        stats.count(names[0], x.shape[0], time.perf_counter() - tic)
+        return eps
+    owner, start = [], 0
+    for name, rows in blocks:
+        owner.append((name, start, start + rows))
+        start += rows
+    eps = None
+    for name in names:
+        index = torch.cat([torch.arange(a, b, device=x.device) for n, a, b in owner if n == name])
+        tic = time.perf_counter()
+        out = call_model(networks[name], x[index], batch_obs(y, index.numel()), t[index])
+        stats.count(name, index.numel(), time.perf_counter() - tic)
+        eps = torch.empty((x.shape[0], *out.shape[1:]), dtype=out.dtype, device=out.device) if eps is None else eps
+        eps[index] = out
+    return eps
+
+
 @torch.no_grad()
 def run(steppers: list, model, y: Tensor | None, budget: int = DEFAULT_ROW_BUDGET,
         on_call: Callable[[int], None] | None = None, on_done: Callable[[int], None] | None = None) -> EngineStats:
@@ -78,10 +125,12 @@ def run(steppers: list, model, y: Tensor | None, budget: int = DEFAULT_ROW_BUDGE
 
     Args:
         steppers: the batches (``Stepper``), in the canonical order the caller folds their sums in.
-        model: eps-predictor ``model(x_t, y, t)``; y: the observation every row shares.
+        model: eps-predictor ``model(x_t, y, t)``, or {name: eps-predictor} for steppers whose rows name their
+            network (``Stepper.networks``); y: the observation every row shares.
         budget: the most rows a call takes (a single stepper larger than it still goes alone).
         on_call: called with the rows of each call (progress); on_done: with a stepper's index when it ends.
     """
+    networks = model if isinstance(model, dict) else {"model": model}
     stats = EngineStats()
     while True:
         remaining = [s.remaining for s in steppers]
@@ -91,7 +140,8 @@ def run(steppers: list, model, y: Tensor | None, budget: int = DEFAULT_ROW_BUDGE
         parts = [steppers[i].inputs() for i in chosen]
         x = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         t = torch.cat([p[1] for p in parts]) if len(parts) > 1 else parts[0][1]
-        eps = call_model(model, x, batch_obs(y, x.shape[0]), t)
+        blocks = [b for i in chosen for b in steppers[i].networks()]
+        eps = evaluate(networks, blocks, x, y, t, stats)
         start = 0
         for i, p in zip(chosen, parts):
             n = p[0].shape[0]
@@ -99,8 +149,6 @@ def run(steppers: list, model, y: Tensor | None, budget: int = DEFAULT_ROW_BUDGE
             start += n
             if on_done is not None and steppers[i].remaining == 0:
                 on_done(i)
-        stats.calls += 1
-        stats.rows += x.shape[0]
         if on_call is not None:
             on_call(x.shape[0])
 

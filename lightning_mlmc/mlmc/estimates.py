@@ -36,6 +36,7 @@ class LevelMoments:
     nonzero: float = math.inf  # pixel-averaged count of samples whose Y_l is not exactly zero
     floored: bool = False  # mean and var raised to Giles' floors (``floor_untrusted``): the level is not trusted
     single: tuple | None = None  # (count, sum, sum of squares) of the single fine paths (antithetic pairs' members)
+    refines: bool = True  # the level refines the grid (its mean decays at the weak rate; not a network switch)
 
 
 MIN_NONZERO = 2  # a level whose variance rests on fewer nonzero differences shows (nearly) no variation
@@ -68,7 +69,7 @@ def near_normal(m: LevelMoments) -> bool:
     return m.nonzero >= min(NORMAL_NONZERO, 0.5 * m.n)
 
 
-def level_moments(level: int, s: LevelSums) -> LevelMoments:
+def level_moments(level: int, s: LevelSums, refines: bool = True) -> LevelMoments:
     n = max(s.n, 1)
     mean = s.sums["y1"] / n
     var = (s.sums["y2"] / n - mean**2).clamp_min(0.0) * (n / max(n - 1, 1))  # unbiased
@@ -79,7 +80,7 @@ def level_moments(level: int, s: LevelSums) -> LevelMoments:
     kurt = float((central4[ok] / central2[ok] ** 2).mean()) if ok.any() else 3.0
     single = (float(s.sums["s0"][0]), s.sums["s1"], s.sums["s2"]) if s.sums["s0"].numel() else None
     return LevelMoments(level, s.n, mean, var, s.sums["f1"], s.sums["f2"], s.sums["c1"], s.sums["c2"], kurt,
-                        float(s.sums["nz"].mean()), single=single)
+                        float(s.sums["nz"].mean()), single=single, refines=refines)
 
 
 def floor_untrusted(moments: list[LevelMoments], lmin: int, M: int, alpha: float, beta: float) -> list[LevelMoments]:
@@ -170,7 +171,7 @@ def remaining_bias_weights(moments: list[LevelMoments], lmin: int, M: int, alpha
     r ln(M) sd(alpha) in relative terms. The well-sampled coarser levels carry the estimate where alpha
     is well determined, the finest level where it is not.
     """
-    coupled = [m for m in moments if m.level > lmin and m.n > 1]
+    coupled = [m for m in moments if m.level > lmin and m.n > 1 and m.refines]  # a network switch does not decay
     coupled = coupled[-depth:]
     if not coupled:
         return {}
@@ -296,7 +297,7 @@ def asymptotic_level(moments: list[LevelMoments], lmin: int) -> int | None:
     so the bias test accepts only an L above this level. Variances are well estimated from few samples,
     unlike the small means the extrapolation needs, which makes this the reliable signal."""
     for m in moments:
-        if m.level <= lmin or m.n < 2:
+        if m.level <= lmin or m.n < 2 or not m.refines:
             continue
         var_plain, _ = pooled_plain_variance(moments, m.level, lmin)
         if float(m.var.mean()) < COUPLING_PAYS * var_plain:

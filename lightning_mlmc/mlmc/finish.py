@@ -129,7 +129,7 @@ def result(run, converged: bool, wall_seconds: float, method: str) -> MLMCResult
         sequential_calls=int(st.sequential_calls), rows_per_call=calls / max(st.sequential_calls, 1),
         mc_sequential_calls=engine.plain_mc_calls(int(mc.steps), int(mc.samples) * (2 if mc.antithetic else 1),
                                                   s.batch_size * (2 if mc.antithetic else 1), s.row_budget),
-        world_size=world_size(), scheme=dict(getattr(run.levels, "scheme", {}) or {}), warnings=warnings,
+        world_size=world_size(), scheme=dict(run.levels.scheme), warnings=warnings,
         moments=moments,
     )
 

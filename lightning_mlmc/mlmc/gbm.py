@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from lightning_mlmc.mlmc.protocol import LevelFunction
 from lightning_mlmc.mlmc.sums import LevelSums
 from lightning_mlmc.sampling import derive_seed, pair_means
 
@@ -38,7 +39,7 @@ def black_scholes_digital(S0: float, K: float, r: float, sigma: float, T: float)
 
 
 @dataclass(frozen=True)
-class GBMCall:
+class GBMCall(LevelFunction):
     """MLMC levels of the discounted call payoff (a ``LevelFunction``: M, lmin, pixels, cost, call); the
     payoff is ``payoff``, the exact price ``exact``."""
 
@@ -57,10 +58,6 @@ class GBMCall:
     def exact(self) -> float:
         return black_scholes_call(self.S0, self.K, self.r, self.sigma, self.T)
 
-    @property
-    def paths(self) -> int:
-        return 2 if self.antithetic else 1
-
     def payoff(self, s: torch.Tensor) -> torch.Tensor:
         """The undiscounted payoff of terminal values ``s``."""
         return (s - self.K).clamp_min(0.0)
@@ -70,6 +67,8 @@ class GBMCall:
 
     def plain_cost(self, level: int) -> float:
         return float(self.paths * self.M**level)
+
+    can_change_lmin = True
 
     def with_lmin(self, lmin: int) -> "GBMCall":
         return replace(self, lmin=int(lmin))

@@ -1,16 +1,22 @@
-"""MLMC levels: the level-function protocol of the driver and the coupled diffusion level sampler.
+"""MLMC levels of a diffusion sampler: the coupled level sampler (a ``protocol.LevelFunction``).
 
 Level l runs the sampler with M^l fine steps; level l > Lmin returns the coupled difference
 P_l - P_(l-1), whose coarse path uses every M-th fine time, shares x_T and y with the fine path, and
-builds its noise from the M fine noises (``coarse_noise_weights``). As in pymlmc, a level function
-``levels(l, N, batch_index, rank) -> LevelSums`` is all the driver needs, plus what it knows about itself
-(``M``, ``lmin``, ``pixels``, ``cost``).
+builds its noise from the M fine noises (``coarse_noise_weights``).
+
+Levels over networks as well as steps: with a cheaper ``coarse_model`` (a distilled student) and a switch
+level s, the levels below s are the student's (M^l steps), level s is the teacher minus the student on one
+grid of M^(s-1) steps with the same noise (it does not refine the grid: ``refines(s)`` is False), and the
+levels above are the teacher's on M^(l-1) steps. The sum telescopes to E[P_teacher] on the finest grid:
+
+    E[P^S_lmin] + sum_(lmin < l < s) E[P^S_l - P^S_(l-1)] + E[P^T_(s-1) - P^S_(s-1)] + sum_(l > s) E[P^T_(l-1) - P^T_(l-2)]
+
+(subscripts: log_M of the steps). Each batch's rows name their network, and the engine evaluates each
+network's rows in one call. Costs are in teacher NFEs, a student row counting its FLOPs relative to a teacher
+row's (``network_cost.flops_per_row``).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Callable, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -20,72 +26,15 @@ from lightning_mlmc.errors import InputError, NumericalError
 import lightning_mlmc.mlmc.engine as engine
 from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_std, coarse_noise_weights
 from lightning_mlmc.mlmc.payoffs import apply_payoff, make_payoff
+from lightning_mlmc.mlmc.protocol import NFE, LevelFunction, UserLevels, check_M, level_cost  # noqa: F401 (re-exported)
 from lightning_mlmc.mlmc.sums import LevelSums
-from lightning_mlmc.sampling import (Model, NoiseSource, StartDistribution, Streams, check_sampler, gaussian_start,
-                                     pair_means)
+from lightning_mlmc.sampling import Model, NoiseSource, StartDistribution, check_sampler, gaussian_start, pair_means
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
 Tensor = torch.Tensor
 
 
-def check_M(M) -> int:
-    if int(M) != M or M < 2:
-        raise InputError(f"M: expected an integer >= 2, got {M}")
-    return int(M)
-
-
-def level_cost(M: int, level: int, lmin: int) -> float:
-    """NFEs per sample of a level: M^l fine plus M^(l-1) coarse steps, M^lmin at the plain level Lmin."""
-    return float(M**level + (M ** (level - 1) if level > lmin else 0))
-
-
-@runtime_checkable
-class LevelFunction(Protocol):
-    """What the MLMC driver calls: ``levels(l, n, batch_index, rank) -> LevelSums`` of n samples of level l
-    from the noise stream (batch_index, rank), and what it knows about itself."""
-
-    M: int  # refinement factor
-    lmin: int  # the coarsest level (a plain, uncoupled estimator)
-    pixels: int  # payoff components
-
-    def cost(self, level: int) -> float:
-        """Cost per sample of a level (NFEs for the diffusion levels)."""
-
-    def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums: ...
-
-
-@dataclass(frozen=True)
-class UserLevels:
-    """A plain level function (pymlmc style) with what the driver needs to know about it.
-
-    Args:
-        fn: ``fn(level, n, batch_index, rank) -> LevelSums`` (``LevelSums.from_payoffs(pf, pc, cost)``
-            builds the sums from n fine and coarse payoffs; ``pc`` is None at Lmin). Use ``batch_index``
-            and ``rank`` to pick independent random streams.
-        M: refinement factor; lmin: coarsest level.
-        cost: cost per sample of a level (default M^l + M^(l-1), M^lmin at Lmin).
-        pixels: payoff components (probed with 2 samples on a stream no estimate uses when omitted).
-    """
-
-    fn: Callable[..., LevelSums]
-    M: int = 2
-    lmin: int = 0
-    cost_fn: Callable[[int], float] | None = None
-    pixels: int = 0
-
-    def __post_init__(self):
-        check_M(self.M)
-        if self.pixels <= 0:
-            object.__setattr__(self, "pixels", self.fn(self.lmin, 2, Streams.PROBE_BATCH, 0).pixels)
-
-    def cost(self, level: int) -> float:
-        return self.cost_fn(level) if self.cost_fn is not None else level_cost(self.M, level, self.lmin)
-
-    def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums:
-        return self.fn(level, n, batch_index, rank)
-
-
-class CoupledLevelSampler:
+class CoupledLevelSampler(LevelFunction):
     """Draws coupled (fine, coarse) sampler paths for a level; the level function of the MLMC driver.
 
     Args:
@@ -103,14 +52,22 @@ class CoupledLevelSampler:
         seed: base seed; each (level, batch, rank) has its own stream.
         antithetic: a sample is the mean of an antithetic pair of paths (noise z and -z: the start and every
             step's draw, fine and coarse); N_l counts pairs and the cost counts both paths.
+        coarse_model: a cheaper eps-predictor for the levels below ``switch`` (a distilled student; None: one
+            network); switch: the level between the two networks (>= 1); coarse_cost: a coarse-model row's
+            cost in teacher rows (default: the ratio of their FLOPs per row, measured on first use).
     """
+
+    batched = True
+    can_change_lmin = True
 
     def __init__(self, model: Model, y: Tensor | None, shape, *, M: int = 2, lmin: int = 0,
                  sampler: str = "ddpm", coupling: Coupling = "naive", data_std: float = 0.5, payoff="second_moment",
                  start: StartDistribution | None = None, grid: TimeGrid | None = None,
                  schedule: VPSchedule | None = None, seed: int = 0, dtype=torch.float64, device="cpu",
-                 antithetic: bool = False):
-        self.model, self.y, self.shape = model, y, tuple(shape)
+                 antithetic: bool = False, coarse_model: Model | None = None, switch: int | None = None,
+                 coarse_cost: float | None = None):
+        self.model, self._y, self.shape = model, y, tuple(shape)
+        self.coarse_model, self.switch, self._coarse_cost = check_networks(coarse_model, switch, coarse_cost)
         self.antithetic = bool(antithetic)
         self.M, self.lmin = check_M(M), int(lmin)
         self.sampler, self.coupling = check_sampler(sampler), check_coupling(coupling)
@@ -140,24 +97,70 @@ class CoupledLevelSampler:
         return copy
 
     @property
-    def paths(self) -> int:
-        """Paths per sample: 2 with antithetic pairs (a sample is the pair mean), else 1."""
-        return 2 if self.antithetic else 1
+    def y(self) -> Tensor | None:
+        return self._y
+
+    @property
+    def networks(self) -> dict:
+        """The networks rows name: ``model`` (the teacher) and, with levels over networks, ``coarse``."""
+        return {"model": self.model, **({"coarse": self.coarse_model} if self.coarse_model is not None else {})}
+
+    @property
+    def cost_unit(self) -> str:
+        return NFE if self.coarse_model is None else TEACHER_NFE
+
+    def fine_network(self, level: int) -> str:
+        return "coarse" if self.switch is not None and level < self.switch else "model"
+
+    def coarse_network(self, level: int) -> str:
+        return "coarse" if self.switch is not None and level <= self.switch else "model"
+
+    def steps(self, level: int) -> int:
+        """Fine steps of a level: M^l, or M^(l-1) from the switch level up."""
+        return self.M ** (level - 1 if self.switch is not None and level >= self.switch else level)
+
+    def refines(self, level: int) -> bool:
+        return self.switch is None or level != self.switch
+
+    def coarse_steps(self, level: int) -> int:
+        return self.steps(level) // self.M if self.refines(level) else self.steps(level)
+
+    def row_cost(self, network: str) -> float:
+        """A row's cost in teacher rows (1 for the teacher; the FLOPs ratio for the coarse model)."""
+        if network == "model":
+            return 1.0
+        if self._coarse_cost is None:
+            self._coarse_cost = relative_flops(self.coarse_model, self.model, self.shape, self._y, self.dtype, self.device)
+        return self._coarse_cost
 
     def cost(self, level: int) -> float:
-        """NFEs per sample: M^l + M^(l-1), or M^l at Lmin (twice that with antithetic pairs)."""
-        return self.paths * level_cost(self.M, level, self.lmin)
+        """Cost per sample: M^l + M^(l-1) NFEs, or M^l at Lmin (twice that with antithetic pairs); with levels
+        over networks each path's steps weighted by its network's ``row_cost``."""
+        if self.switch is None:
+            return self.paths * level_cost(self.M, level, self.lmin)
+        fine = self.steps(level) * self.row_cost(self.fine_network(level))
+        coarse = self.coarse_steps(level) * self.row_cost(self.coarse_network(level)) if level > self.lmin else 0.0
+        return self.paths * (fine + coarse)
 
     def plain_cost(self, level: int) -> float:
-        """NFEs of one plain sample of P_l (the sequential sampler with M^l steps; a pair of them with
-        antithetic pairs)."""
-        return float(self.paths * self.M**level)
+        """Cost of one plain sample of P_l (the sequential sampler with the level's fine steps on its fine
+        network; a pair of them with antithetic pairs)."""
+        return float(self.paths * self.steps(level) * self.row_cost(self.fine_network(level)))
+
+    def network_costs(self) -> dict:
+        """Per network: its cost per row in ``cost_unit`` (and what it rests on)."""
+        if self.coarse_model is None:
+            return {}
+        return {"model": {"row_cost": 1.0}, "coarse": {"row_cost": self.row_cost("coarse"), "switch": self.switch}}
 
     @property
     def scheme(self) -> dict:
         """The scheme these levels run (recorded in MLMC results)."""
-        return {"grid": self.grid.kind, "rho": self.grid.rho, "coupling": self.coupling, "sampler": self.sampler,
-                "antithetic": self.antithetic, **({"data_std": self.data_std} if self.coupling == "jacobian" else {})}
+        out = {"grid": self.grid.kind, "rho": self.grid.rho, "coupling": self.coupling, "sampler": self.sampler,
+               "antithetic": self.antithetic, **({"data_std": self.data_std} if self.coupling == "jacobian" else {})}
+        if self.switch is not None:
+            out.update(switch=self.switch, coarse_cost=self.row_cost("coarse"))
+        return out
 
     def level_sums(self, x_f: Tensor, x_c: Tensor | None, calls: int) -> LevelSums:
         """The sums of one batch's finished paths (payoffs on the CPU, float64); with antithetic pairs a sample
@@ -190,7 +193,7 @@ class CoupledLevelSampler:
     def __call__(self, level: int, n: int, batch_index: int = 0, rank: int = 0) -> LevelSums:
         """Sums over ``n`` coupled samples of level ``level`` from stream (seed, level, batch_index, rank)."""
         paths = self.steppers(level, n, batch_index, rank)
-        engine.run([paths], self.model, self.y)
+        engine.run([paths], self.networks, self.y)
         return paths.sums()
 
 
@@ -206,11 +209,15 @@ class CoupledPaths:
         self.sampler, self.level, self.n = sampler, level, n * sampler.paths  # n samples: n pairs of paths, or n
         self.noise = NoiseSource(sampler.seed, (self.n, *sampler.shape), stream=(level, batch_index, rank),
                                  dtype=sampler.dtype, device=sampler.device, antithetic=sampler.antithetic)
-        self.M, self.steps = sampler.M, sampler.M**level
+        self.steps = sampler.steps(level)
         self.coupled = level > sampler.lmin and not plain
+        # coarse steps per fine step: M on a refining level, 1 between two networks on one grid (same noise)
+        self.M = sampler.M if sampler.refines(level) else 1
+        self.nets = (sampler.fine_network(level), sampler.coarse_network(level))
         self.cf = sampler.coefficients(self.steps)
         self.cc = sampler.coefficients(self.steps // self.M) if self.coupled else None
-        self.weights = sampler.coarse_weights(self.steps) if self.coupled else None
+        if self.coupled:
+            self.weights = sampler.coarse_weights(self.steps) if self.M > 1 else [[1.0]] * self.steps
         self.x_f = sampler.start.sample(self.noise.start())
         self.x_c = self.x_f.clone() if self.coupled else None
         self.k, self.calls, self.xi_c, self.eps_c = 0, 0, None, None
@@ -224,6 +231,10 @@ class CoupledPaths:
 
     def rows(self) -> int:
         return 2 * self.n if self._both() else self.n
+
+    def networks(self) -> list[tuple[str, int]]:
+        """The network of each block of the next evaluation's rows: (name, rows), in row order."""
+        return [(self.nets[0], self.n), (self.nets[1], self.n)] if self._both() else [(self.nets[0], self.n)]
 
     def inputs(self) -> tuple[Tensor, Tensor]:
         x = torch.cat([self.x_f, self.x_c]) if self._both() else self.x_f
@@ -254,3 +265,31 @@ class CoupledPaths:
     def sums(self) -> LevelSums:
         """The level sums of the finished paths (``CoupledLevelSampler.level_sums``)."""
         return self.sampler.level_sums(self.x_f, self.x_c, self.calls)
+
+
+TEACHER_NFE = "teacher NFE (a coarse-model row counts its FLOPs relative to a teacher row)"
+
+
+def check_networks(coarse_model, switch, coarse_cost) -> tuple:
+    """(coarse_model, switch, coarse_cost) checked: a switch level with a coarse model and only then."""
+    if coarse_model is None:
+        if switch is not None or coarse_cost is not None:
+            raise InputError("switch/coarse_cost: given without a coarse model (--coarse-checkpoint)")
+        return None, None, None
+    if isinstance(switch, bool) or not isinstance(switch, int) or switch < 1:
+        raise InputError(f"switch: expected an integer >= 1 (the level between the two networks), got {switch!r}")
+    if coarse_cost is not None and not (isinstance(coarse_cost, (int, float)) and 0 < coarse_cost):
+        raise InputError(f"coarse_cost: expected a positive number (a coarse row's cost in teacher rows), got {coarse_cost!r}")
+    return coarse_model, int(switch), None if coarse_cost is None else float(coarse_cost)
+
+
+def relative_flops(coarse, model, shape, y, dtype, device) -> float:
+    """FLOPs of one coarse-model row over one teacher row (``network_cost.flops_per_row``)."""
+    from lightning_mlmc.mlmc.network_cost import flops_per_row
+
+    teacher = flops_per_row(model, shape, y, dtype, device)
+    student = flops_per_row(coarse, shape, y, dtype, device)
+    if teacher <= 0 or student <= 0:
+        raise InputError("coarse_cost: the networks' FLOPs cannot be counted (torch.utils.flop_counter sees no "
+                         "matrix products in them); give coarse_cost, a coarse row's cost in teacher rows")
+    return student / teacher

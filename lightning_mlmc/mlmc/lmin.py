@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass, field
 
 from lightning_mlmc.errors import InputError
-from lightning_mlmc.mlmc.levels import level_cost
 import lightning_mlmc.mlmc.engine as engine
 from lightning_mlmc.mlmc.rounds import sample_levels
 from lightning_mlmc.mlmc.checks import KURTOSIS_WARNING
@@ -68,7 +67,7 @@ def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: flo
     """
     if n < 2:
         raise InputError(f"n0: expected at least 2 pilot samples, got {n}")
-    if not hasattr(levels, "with_lmin"):
+    if not levels.can_change_lmin:
         raise InputError("lmin: 'auto' needs a level sampler that can change its Lmin (a CoupledLevelSampler)")
     probe = levels.with_lmin(0)  # every level >= 1 coupled
     M = probe.M
@@ -94,13 +93,13 @@ def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: flo
     while not coupling_pays(level) and level < lmax:
         level += 1
         draw({level: n})
-    lmin, predicted = _select(pilot, M)
+    lmin, predicted = _select(pilot, probe)
     if eps is not None and predicted:
         unit = sum(probe.cost(l) for l in pilot)
         target = min(n_max or n, int(pilot_fraction * predicted[lmin] ** 2 / ((1 - theta) * eps**2) / unit))
         if target >= 1.5 * n:  # grow the pilot once, then choose again
             draw({l: target - n for l in pilot})
-            lmin, predicted = _select(pilot, M)
+            lmin, predicted = _select(pilot, probe)
             n = target
     # Giles' kurtosis check on the levels the choice rests on: the candidate's own level and the first coupled
     # level above it; a pilot too small to see a kurtosis above the threshold grows there first, within
@@ -111,13 +110,13 @@ def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: flo
         check = [l for l in (lmin, lmin + 1) if l in pilot]
         want = KURTOSIS_PILOT
         if eps is not None:
-            scale = probe.cost(max(pilot)) / level_cost(M, max(pilot), 0)  # the levels' cost unit (2 with pairs)
+            scale = probe.paths  # the levels' cost is per sample (a pair with antithetic pairs)
             run_cost = scale * predicted[lmin] ** 2 / ((1 - theta) * eps**2)
             want = min(want, max(n, int(pilot_fraction * run_cost / sum(probe.cost(l) for l in check))))
         short = {l: want - pilot[l].n for l in check if pilot[l].n < want}
         if short:
             draw(short)
-            lmin, predicted = _select(pilot, M, excluded)
+            lmin, predicted = _select(pilot, probe, excluded)
             continue
         unchecked = (f"kurtosis of levels {check} not checked: {min(pilot[l].n for l in check)} pilot samples cannot "
                      f"show {KURTOSIS_WARNING:.0f} ({KURTOSIS_PILOT} would cost more than a tenth of the run)"
@@ -127,14 +126,18 @@ def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: flo
         if not heavy:
             break
         excluded[lmin] = "; ".join(f"kurtosis {k:.3g} at level {l}" for l, k in heavy.items())
-        lmin, predicted = _select(pilot, M, excluded)
+        lmin, predicted = _select(pilot, probe, excluded)
     return LminChoice(lmin, max(pilot), predicted, pilot, batches, M, rounds, calls, excluded, n,
                       {l: probe.cost(l) for l in pilot}, unchecked)
 
 
-def _select(pilot: dict[int, LevelSums], M: int, excluded=()) -> tuple[int, dict[int, float]]:
+def _select(pilot: dict[int, LevelSums], probe, excluded=()) -> tuple[int, dict[int, float]]:
     """The candidate Lmin of least predicted cost (see ``choose_lmin``), none of ``excluded``, and every such
-    candidate's score; the top pilot level when no candidate is left."""
+    candidate's score; the top pilot level when no candidate is left. Costs are the levels' own per path
+    (``probe.with_lmin(c).cost``: NFEs M^l + M^(l-1) for one network)."""
+    def level_cost(c: int, level: int) -> float:
+        return probe.with_lmin(c).cost(level) / probe.paths
+
     var_fine, var_diff = {}, {}
     for level, sums in pilot.items():
         st = level_stats(level, sums, 0.0)
@@ -146,8 +149,8 @@ def _select(pilot: dict[int, LevelSums], M: int, excluded=()) -> tuple[int, dict
     for c in range(0, top):
         if c in excluded or not var_diff[c + 1] < var_fine[c + 1]:
             continue
-        cost = math.sqrt(var_fine[c] * level_cost(M, c, c))
-        cost += sum(math.sqrt(var_diff[l] * level_cost(M, l, c)) for l in range(c + 1, top + 1))
+        cost = math.sqrt(var_fine[c] * level_cost(c, c))
+        cost += sum(math.sqrt(var_diff[l] * level_cost(c, l)) for l in range(c + 1, top + 1))
         predicted[c] = cost
     if not predicted:
         return (top if excluded else top - 1), predicted

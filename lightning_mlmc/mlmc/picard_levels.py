@@ -61,6 +61,9 @@ class PicardLevelSampler(CoupledLevelSampler):
     def __init__(self, *args, window: int, tol: float = PICARD_TOL, slide: str = "paradigms", row_budget: int = 4096,
                  **kw):
         super().__init__(*args, **kw)
+        if self.coarse_model is not None:
+            raise InputError("picard_window: Picard-parallel levels run on one network; leave out the coarse model "
+                             "(--coarse-checkpoint) or picard_window")
         if window is None:
             raise InputError("picard_window: expected an integer >= 1, got None")
         check_picard_level_args(window, tol, slide)
@@ -221,6 +224,10 @@ class PicardCoupledPaths:
         if not self.started:
             return self.n * (self.width_f + self.width_c)
         return sum(w.rows() for w in self._active())
+
+    def networks(self) -> list[tuple[str, int]]:
+        """Every row on the one network (Picard levels do not run over networks)."""
+        return [("model", sum(w.rows() for w in self._active()))]
 
     def inputs(self) -> tuple[Tensor, Tensor]:
         if not self.started:

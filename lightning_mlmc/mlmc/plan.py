@@ -59,7 +59,7 @@ def fit_rates(moments: list[LevelMoments], lmin: int, M: int, cost, alpha0=None,
     error expansion holds. With fewer than two levels past the peak alpha is not resolved: it is taken as 1
     (the samplers' weak order, the cap) for planning, and the bias test cannot pass yet. Its standard error
     (delta method on the logs) tells the bias test how far to trust extrapolations over several levels."""
-    coupled = [m for m in moments if m.level > lmin and m.n > 1]
+    coupled = [m for m in moments if m.level > lmin and m.n > 1 and m.refines]  # a network switch is no refinement
     lv = [m.level for m in coupled]
     vars_ = [float(m.var.mean()) for m in coupled]
     means = [debiased_rms(m) for m in coupled]
@@ -129,7 +129,7 @@ def level_variances(moments: list[LevelMoments], lmin: int | None = None, M: int
     V = (N_l V_l + k V_fit) / (N_l + k). The plain level Lmin, and every level while fewer than three coupled
     levels exist, use their own V_l one standard error up (``sizing_variance``)."""
     out = {m.level: sizing_variance(m) for m in moments if m.n > 1}
-    coupled = [m for m in moments if lmin is not None and m.level > lmin and m.n > 1]
+    coupled = [m for m in moments if lmin is not None and m.level > lmin and m.n > 1 and m.refines]
     if len(coupled) < 3:
         return out
     x = np.array([m.level for m in coupled], dtype=float)

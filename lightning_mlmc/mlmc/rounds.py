@@ -54,10 +54,10 @@ def execute(levels, batches: list[Batch], budget: int, done: dict[int, LevelSums
         if on_done is not None:
             on_done(i, sums)
 
-    if hasattr(levels, "steppers"):
+    if levels.batched:
         steppers = [levels.steppers(batches[i].level, batches[i].share, batches[i].batch_index, batches[i].rank,
                                     batches[i].plain) for i in todo]
-        return engine.run(steppers, levels.model, levels.y, budget, on_call=on_call,
+        return engine.run(steppers, levels.networks, levels.y, budget, on_call=on_call,
                           on_done=lambda k: finished(todo[k], steppers[k].sums()))
     stats = engine.EngineStats()  # a plain level function: one batch after another
     for i in todo:
@@ -81,7 +81,7 @@ def fold(batches: list[Batch], done: dict[int, LevelSums], sums: dict[int, Level
 
 def batch_rows(levels, b: Batch) -> int:
     """Network rows a batch takes to its end (its samples times the level's cost per sample)."""
-    cost = levels.plain_cost(b.level) if b.plain and hasattr(levels, "plain_cost") else levels.cost(b.level)
+    cost = levels.plain_cost(b.level) if b.plain else levels.cost(b.level)
     return int(b.share * cost)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.mlmc.estimates import LevelMoments, bias_of_level, remaining_bias_weights, squared_bias
-from lightning_mlmc.mlmc.levels import level_cost
+from lightning_mlmc.mlmc.protocol import LevelFunction, level_cost
 from lightning_mlmc.mlmc.plan import Rates, fit_rates
 from lightning_mlmc.mlmc.sums import LevelSums
 
@@ -37,7 +37,7 @@ class LevelLaw:
     fine_var: Tensor  # V[P_l]
 
 
-class SyntheticLevels:
+class SyntheticLevels(LevelFunction):
     """A level function of Gaussian samples with given per-pixel laws (the levels of ``laws``).
 
     At Lmin a sample is P_l ~ N(E[P_l], V[P_l]); above it the coarse sample is P_(l-1) ~ N(E[P_(l-1)],
@@ -53,6 +53,8 @@ class SyntheticLevels:
         self.costs = costs or {l: level_cost(M, l, -1) for l in range(max(laws) + 2)}
         self.plain_costs = plain_costs or {l: float(M**l) for l in range(max(laws) + 2)}
         self.pixels = int(next(iter(laws.values())).mean.numel())
+
+    can_change_lmin = True
 
     def with_lmin(self, lmin: int) -> "SyntheticLevels":
         return SyntheticLevels(self.laws, self.M, lmin, self.seed, self.costs, self.plain_costs)
