@@ -23,6 +23,9 @@ from lightning_mlmc.mlmc.complexity import DEFAULT_EPS, predict_complexity
 from lightning_mlmc.posterior import coverage, psnr, ssim
 
 
+CLIP = 2.0  # the callback's clip: early in training samples can be far outside the data range [-1, 1]
+
+
 class MLMCCallback(uq_logging.ValidationUQCallback):
     """Runs Giles' adaptive MLMC (``lightning_mlmc.mlmc.mlmc``) on the EMA weights at validation time.
 
@@ -56,25 +59,16 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         eps: target RMSE (> 0).
         observations: how many validation observations (>= 1).
         every_n_epochs: run every n validation epochs, and once more at the end of fit.
-        scheme: ``default`` (the library's: log-SNR grid, naive coupling, automatic Lmin) or ``seed`` (the
-            seed's uniform grid, weighted coupling, Lmin 3); the options below override it (None: the
-            scheme's value), exactly as ``lightning-mlmc mlmc`` does.
-        M, lmin, lmax, n0, theta: MLMC refinement factor, coarsest/finest level (``lmin: auto`` picks Lmin
-            from a coupled pilot run), largest pilot per level, the bias share of eps^2.
-        sampler: ``ddpm`` or ``ddim``.
-        grid, coupling: the time-grid family (``uniform``, ``polynomial``, ``logsnr``, ``edm``; ``rho`` for
-            the warps) and the coarse-noise coupling (``naive``, ``weighted`` or ``jacobian`` with its
-            ``data_std``), as on the CLI.
-        seed: base seed.
-        batch_size: samples per batched call (it picks the noise streams: the CLI must use the same).
+        mlmc: the ``MLMCConfig`` of the runs, the same object (and options) as ``lightning-mlmc mlmc``'s; in a
+            LightningCLI config ``mlmc: {lmin: auto, lmax: 10, ...}``, the seed's scheme as ``{grid: uniform,
+            coupling: weighted, lmin: 3}``, a distilled student on the coarse levels as ``{coarse_checkpoint:
+            DIR}``. Default: the library's defaults with ``clip`` 2.0. Its payoff is always ``mean_std`` (the
+            callback logs the mean and std maps) and its seed is observation 0's (``seed + i`` for i).
         rates: ``adaptive`` fits alpha, beta, gamma from the adaptive run's levels; ``mlmc_test`` fits them
             from Giles' fixed-level ``mlmc_test`` (``rate_samples`` samples on every level lmin..lmax, as
             ``lightning-mlmc mlmc-test --levels lmax --samples rate_samples``), whose table (with kurtosis
             and the consistency check) is then the logged ``mlmc/levels``; the estimate, NFEs and savings
             still come from the adaptive run.
-        clip: clamp samples to [-clip, clip] before the payoff (images live in [-1, 1]). Early in training
-            a network's samples can be far outside the data range; without a clip their variance would
-            make MLMC ask for an enormous number of samples. ``null`` disables it.
         predict_eps: the eps of ``mlmc/predicted_savings``; complexity_eps: the eps of the complexity table.
         bootstrap: parametric-bootstrap replicates of the prediction at ``predict_eps`` (0: no spread).
 
@@ -86,13 +80,7 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
     """
 
     def __init__(self, eps: float = 0.1, observations: int = 2, every_n_epochs: int = 1,
-                 scheme: Literal["default", "seed"] = "default", M: int | None = None,
-                 lmin: int | Literal["auto"] | None = None, lmax: int | None = None, n0: int | None = None,
-                 sampler: Literal["ddpm", "ddim"] | None = None,
-                 grid: Literal["uniform", "polynomial", "logsnr", "edm"] | None = None, rho: float | None = None,
-                 coupling: Literal["naive", "weighted", "jacobian"] | None = None, data_std: float | None = None,
-                 seed: int = 0, batch_size: int | None = None, clip: float | None = 2.0,
-                 theta: float | None = None, rates: Literal["adaptive", "mlmc_test"] = "adaptive",
+                 mlmc: MLMCConfig | None = None, rates: Literal["adaptive", "mlmc_test"] = "adaptive",
                  rate_samples: int = 200, predict_eps: float = 0.01, complexity_eps: list[float] = list(DEFAULT_EPS),
                  bootstrap: int = 16):
         if not eps > 0:
@@ -111,10 +99,11 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
             raise InputError(f"complexity_eps: expected a list of positive numbers, got {complexity_eps}")
         if bootstrap < 0 or bootstrap == 1:
             raise InputError(f"bootstrap: expected 0 (no spread) or at least 2 replicates, got {bootstrap}")
-        # Everything else is the command line's MLMC configuration (its defaults unless set), validated there.
-        self.config = MLMCConfig.from_scheme(scheme, grid=grid, rho=rho, coupling=coupling, data_std=data_std,
-                                             sampler=sampler, M=M, lmin=lmin, lmax=lmax, n0=n0, theta=theta,
-                                             payoff="mean_std", clip=clip, batch_size=batch_size, seed=seed)
+        if mlmc is not None and not isinstance(mlmc, MLMCConfig):
+            raise InputError(f"mlmc: expected an MLMCConfig (its options as a mapping in a config file), got {mlmc!r}")
+        # Everything else is the command line's MLMC configuration, validated there.
+        self.config = replace(mlmc or MLMCConfig(clip=CLIP), payoff="mean_std")
+        self._coarse = None  # the loaded coarse network of config.coarse_checkpoint
         self.eps, self.observations, self.every_n_epochs = float(eps), int(observations), int(every_n_epochs)
         self.rates, self.rate_samples = rates, int(rate_samples)
         self.predict_eps, self.complexity_eps = float(predict_eps), [float(e) for e in complexity_eps]
@@ -158,8 +147,7 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
         from observation ``i``'s run ``result``; None, with a warning, when it has too few levels to predict from."""
         c = self.config
         try:
-            return predict_complexity(result, self.complexity_eps, predict_eps=self.predict_eps, lmax=c.lmax,
-                                      n0=c.n0, theta=c.theta, batch_size=c.batch_size, auto_lmin=c.lmin == "auto",
+            return predict_complexity(result, self.complexity_eps, predict_eps=self.predict_eps, config=c,
                                       replicates=self.bootstrap, seed=c.seed + i)
         except (InputError, ArithmeticError, ValueError) as e:  # a diagnostic: it never stops training
             rank_zero_warn(f"MLMCCallback: no complexity prediction for observation {i}: {type(e).__name__}: {e}")
@@ -180,8 +168,12 @@ class MLMCCallback(uq_logging.ValidationUQCallback):
               + shlex.join(self.last_command), flush=True)
 
     def _estimate(self, pl_module, y, i):
+        if self.config.coarse_checkpoint is not None and self._coarse is None:
+            from lightning_mlmc.cli.common import load_coarse_model
+
+            self._coarse = load_coarse_model(self.config.coarse_checkpoint, pl_module.model)
         levels = self.config.level_sampler(pl_module.model, y, tuple(pl_module.operator.shape), dtype=torch.float32,
-                                           device=pl_module.device, seed=self.config.seed + i)
+                                           device=pl_module.device, seed=self.config.seed + i, coarse_model=self._coarse)
         if self.rates == "mlmc_test":
             self.last_tests.append(run_mlmc_test(self.config, levels, self.config.lmax, self.rate_samples))
         try:

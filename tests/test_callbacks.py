@@ -15,13 +15,14 @@ from callbacks import MLMCCallback, PicardCallback
 from datamodules import DigitsDataModule
 from lightning_mlmc.cli import main as cli_main
 from lightning_mlmc.errors import InputError
+from lightning_mlmc.mlmc import MLMCConfig
 from lightning_mlmc.module import ScoreModule
 from tests.wandb_records import history
 
 SCALARS = ["mlmc/alpha", "mlmc/beta", "mlmc/gamma", "mlmc/nfe", "mlmc/nfe_mc", "mlmc/savings", "mlmc/rmse_bound",
            "mlmc/psnr", "mlmc/ssim", "mlmc/coverage_1sd", "mlmc/coverage_2sd", "picard/rounds", "picard/nfe",
            "picard/steps", "picard/speedup_rounds", "picard/speedup_wall", "picard/max_abs_diff"]
-MLMC_KW = dict(eps=0.2, observations=1, M=2, lmin=1, lmax=3, n0=8, seed=3, clip=2.0)
+MLMC_KW = dict(eps=0.2, observations=1, mlmc=MLMCConfig(M=2, lmin=1, lmax=3, n0=8, seed=3, clip=2.0))
 
 
 def fit(tmp_path, logger, steps=4, **mlmc_kw):
@@ -112,8 +113,8 @@ def test_mlmc_test_rates_equal_the_cli_mlmc_test(tmp_path):
     (lambda: MLMCCallback(rates="fixed"), "rates"),
     (lambda: MLMCCallback(eps=0), "eps"),
     (lambda: MLMCCallback(observations=0), "observations"),
-    (lambda: MLMCCallback(lmin=4, lmax=2), "lmin"),
-    (lambda: MLMCCallback(M=1), "M"),
+    (lambda: MLMCCallback(mlmc=MLMCConfig(lmin=4, lmax=2)), "lmin"),
+    (lambda: MLMCCallback(mlmc={"M": 2}), "mlmc"),
     (lambda: PicardCallback(window=0), "window"),
     (lambda: PicardCallback(tol=0), "tol"),
     (lambda: PicardCallback(sampler="euler"), "sampler"),

@@ -19,7 +19,7 @@ from callbacks import FusedEMA, MLMCCallback, PicardCallback
 from datamodules import DigitsDataModule
 from lightning_mlmc import ExactPosteriorEps, NoiseSource, TimeGrid, sample
 from lightning_mlmc.cli import main as cli_main
-from lightning_mlmc.mlmc import SUM_NAMES, CoupledLevelSampler, mlmc_auto
+from lightning_mlmc.mlmc import SUM_NAMES, CoupledLevelSampler, MLMCConfig, mlmc_auto
 from lightning_mlmc.module import ScoreModule, load_score_module
 from lightning_mlmc.picard import picard_sample
 
@@ -104,7 +104,7 @@ def _fit_on_gpu(tmp_path, steps=6):
     pl.seed_everything(0)
     dm = DigitsDataModule({"name": "superres", "factor": 2, "noise_std": 0.05}, batch_size=32)
     module = ScoreModule(operator=dm.operator_config(), channels=[8, 16], attention=False, warmup_steps=2)
-    mlmc_cb = MLMCCallback(eps=0.2, observations=1, M=2, lmin=1, lmax=3, n0=8, seed=3, clip=2.0)
+    mlmc_cb = MLMCCallback(eps=0.2, observations=1, mlmc=MLMCConfig(M=2, lmin=1, lmax=3, n0=8, seed=3, clip=2.0))
     picard_cb = PicardCallback(steps=10, window=4, tol=0.1, observations=1, samples_per_observation=2)
     trainer = pl.Trainer(max_steps=steps, limit_val_batches=1, val_check_interval=steps, num_sanity_val_steps=0,
                          logger=CSVLogger(str(tmp_path)), default_root_dir=str(tmp_path),

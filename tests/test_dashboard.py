@@ -27,7 +27,8 @@ from tests.wandb_records import config, history_rows, summary
 TRENDS = ["mlmc/alpha", "mlmc/beta", "mlmc/predicted_savings", "mlmc/coverage_1sd", "mlmc/psnr"]
 # batch_size 4: every level draws more samples than a batch, so the CLI must pick the same noise streams
 # batch by batch to reproduce the estimate.
-MLMC_KW = dict(eps=0.25, observations=1, lmin=1, lmax=3, n0=8, seed=5, batch_size=4, complexity_eps=[0.1, 0.05],
+MLMC_KW = dict(eps=0.25, observations=1, mlmc=MLMCConfig(lmin=1, lmax=3, n0=8, seed=5, batch_size=4, clip=2.0),
+               complexity_eps=[0.1, 0.05],
                predict_eps=0.05, bootstrap=4)
 
 

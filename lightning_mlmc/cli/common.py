@@ -242,6 +242,27 @@ def load_target(args):
     return model, y.to(dtype), tuple(shape), start, dtype, device
 
 
+def load_coarse_model(path: str, model, allow_pickle: bool = False):
+    """The cheaper network of ``--coarse-checkpoint`` (a distilled student): a trained model of the same inverse
+    problem as ``model`` (its operator: name, shape and noise), on ``model``'s device."""
+    from lightning_mlmc.module import load_score_model
+
+    operator = getattr(model, "operator", None)
+    if operator is None:
+        raise InputError("coarse-checkpoint: needs a trained --checkpoint (an analytic --problem has its exact score)")
+    if not os.path.exists(path):
+        raise InputError(f"coarse-checkpoint: {path!r} does not exist")
+    coarse = load_score_model(path, allow_pickle=allow_pickle)
+    other = getattr(coarse, "operator", None)
+    same = other is not None and (other.name, tuple(other.shape), float(other.noise_std)) == (
+        operator.name, tuple(operator.shape), float(operator.noise_std))
+    if not same:
+        raise InputError(f"coarse-checkpoint: {path!r} solves another problem "
+                         f"({getattr(other, 'name', None)}) than --checkpoint ({operator.name}, {tuple(operator.shape)}, "
+                         f"noise {operator.noise_std})")
+    return coarse.to(next(model.parameters()).device).eval()
+
+
 def _load_checkpoint_target(args):
     import torch
 

@@ -18,9 +18,15 @@ from lightning_mlmc.cli.common import (
 from lightning_mlmc.cli.save_images import add_save_images_arg, check_save_images, write_images
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 
-# The choices repeat MLMCConfig's Literal fields: importing it here would load torch to parse arguments.
-COUPLING_CHOICES = ["naive", "weighted", "jacobian"]
-PAYOFF_CHOICES = ["second_moment", "mean", "moments", "mean_std"]
+
+
+def choices(field: str) -> list[str]:
+    """The values of an ``MLMCConfig`` Literal field: the CLI's choices come from the config's types."""
+    from typing import get_args, get_type_hints
+
+    from lightning_mlmc.mlmc.config import MLMCConfig
+
+    return list(get_args(get_type_hints(MLMCConfig)[field]))
 
 
 def add_commands(sub) -> None:
@@ -57,10 +63,10 @@ def _add_config_args(p) -> None:
                    help="largest pilot per level (default 100; the pilot is sized by cost up to it)")
     p.add_argument("--theta", type=positive_float("theta"), default=None,
                    help="largest share of eps^2 the bias may take (default 0.25)")
-    p.add_argument("--payoff", choices=PAYOFF_CHOICES, default=None, help="default second_moment")
+    p.add_argument("--payoff", choices=choices("payoff"), default=None, help="default second_moment")
     p.add_argument("--clip", type=positive_float("clip"), default=None)
-    p.add_argument("--sampler", choices=["ddpm", "ddim"], default=None, help="default ddpm")
-    p.add_argument("--coupling", choices=COUPLING_CHOICES, default=None,
+    p.add_argument("--sampler", choices=choices("sampler"), default=None, help="default ddpm")
+    p.add_argument("--coupling", choices=choices("coupling"), default=None,
                    help="coarse noise from the fine noises: naive sum / sqrt(M) (default), the seed's weights, "
                         "or weights carried by the step Jacobian for Gaussian data of std --data-std")
     p.add_argument("--data-std", type=positive_float("data-std"), default=None,
@@ -77,6 +83,12 @@ def _add_config_args(p) -> None:
                    help="per-step tolerance of --picard-window, in units of each step's noise std (default 0.01)")
     p.add_argument("--antithetic", action=argparse.BooleanOptionalAction, default=None,
                    help="antithetic pairs: every sample the mean of the paths driven by noise z and -z (default on)")
+    p.add_argument("--coarse-checkpoint", default=None, metavar="DIR",
+                   help="a cheaper network of the same problem (a distilled student, `lightning-mlmc distill`) for the "
+                        "coarse levels: the student below --switch, the teacher (--checkpoint) from it up; costs in "
+                        "teacher NFEs by FLOPs")
+    p.add_argument("--switch", type=positive_int("switch"), default=None,
+                   help="with --coarse-checkpoint: the level between the two networks (default: just above Lmin)")
     p.add_argument("--plots", help="folder for the convergence plots (PNG)")
     p.add_argument("--out", required=True)
 
@@ -94,7 +106,12 @@ def config_from_args(args):
 def _levels(config, args):
     model, y, shape, start, dtype, device = load_target(args)
     check_save_images(getattr(args, "save_images", None), shape, payoff=config.payoff)
-    return config.level_sampler(model, y, shape, start=start, dtype=dtype, device=device)
+    coarse = None
+    if config.coarse_checkpoint is not None:
+        from lightning_mlmc.cli.common import load_coarse_model
+
+        coarse = load_coarse_model(config.coarse_checkpoint, model, getattr(args, "allow_pickle", False))
+    return config.level_sampler(model, y, shape, start=start, dtype=dtype, device=device, coarse_model=coarse)
 
 
 def cmd_mlmc(args) -> int:

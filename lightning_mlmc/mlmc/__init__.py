@@ -10,7 +10,8 @@ adaptive algorithm (Giles 2008, 2015), split as pymlmc splits it:
 - ``config.py``: one ``MLMCConfig`` for the command line, the callback and the benchmarks.
 """
 
-from lightning_mlmc.mlmc.config import MLMCConfig, mlmc_auto, run_mlmc, run_mlmc_test
+from lightning_mlmc.mlmc.config import MLMCConfig
+from lightning_mlmc.mlmc.run import mlmc_auto, run_mlmc, run_mlmc_test
 from lightning_mlmc.mlmc.coupling import COUPLINGS, coarse_noise_weights
 from lightning_mlmc.mlmc.diagnostics import ComplexityRow, ConvergenceRow, MLMCTestResult, mlmc_test
 from lightning_mlmc.mlmc.driver import mlmc

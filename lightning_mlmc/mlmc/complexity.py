@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
+from lightning_mlmc.mlmc.config import MLMCConfig
 from lightning_mlmc.mlmc.driver import first_pilot, mlmc
 from lightning_mlmc.mlmc.estimates import COUPLING_PAYS, LevelMoments, level_moments
 from lightning_mlmc.mlmc.levels import level_cost
@@ -181,14 +182,21 @@ def bootstrap_moments(laws: dict[int, LevelLaw], moments: list[LevelMoments], lm
     return [level_moments(m.level, levels(m.level, m.n, 0, 0)) for m in moments if m.n > 1]
 
 
-def predict_complexity(result: MLMCResult, eps_list=DEFAULT_EPS, *, predict_eps: float = 0.01, lmax: int = 12,
-                       n0: int = 100, theta: float = 0.25, batch_size: int = 1000, auto_lmin: bool = True,
+def predict_complexity(result: MLMCResult, eps_list=DEFAULT_EPS, *, predict_eps: float = 0.01,
+                       config: MLMCConfig | None = None, lmax: int | None = None, n0: int | None = None,
+                       theta: float | None = None, batch_size: int | None = None, auto_lmin: bool | None = None,
                        seeds: int = 5, replicates: int = 16, seed: int = 0) -> ComplexityPrediction:
     """Predicted MLMC and plain-MC costs at every eps of ``eps_list`` and at ``predict_eps`` from ``result``'s
     levels: the median over ``seeds`` synthetic driver runs per eps. At ``predict_eps`` also ``replicates``
     parametric-bootstrap replicates (0: none): the run's levels redrawn from the fitted laws, the laws
-    refitted to them and the driver run again. ``lmax``, ``n0``, ``theta``, ``batch_size`` and ``auto_lmin``
-    are the settings of the runs to predict (``MLMCConfig``); Lmin is ``result``'s."""
+    refitted to them and the driver run again. ``config`` holds the settings of the runs to predict (default
+    ``MLMCConfig()``; ``auto_lmin`` when its lmin is auto); ``lmax``, ``n0``, ``theta``, ``batch_size`` and
+    ``auto_lmin``, when given, override it. Lmin is ``result``'s."""
+    config = config or MLMCConfig()
+    lmax = config.lmax if lmax is None else lmax
+    n0, theta = config.n0 if n0 is None else n0, config.theta if theta is None else theta
+    batch_size = config.batch_size if batch_size is None else batch_size
+    auto_lmin = config.lmin == "auto" if auto_lmin is None else auto_lmin
     if not result.moments:
         raise InputError("result: no level moments to predict from (a result read back from JSON has none)")
     eps_all = sorted({float(e) for e in (*eps_list, predict_eps)}, reverse=True)

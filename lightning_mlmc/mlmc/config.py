@@ -1,30 +1,25 @@
-"""One MLMC configuration object for the command line, the validation callback and the benchmarks.
+"""One MLMC configuration object for the command line, the validation callback, the driver and the benchmarks.
 
-``MLMCConfig`` holds everything that defines an MLMC run besides the model, the observation and eps; it
-is validated once, here. ``run_mlmc`` and ``run_mlmc_test`` build the coupled level sampler from it, choose
-Lmin automatically when asked (before the driver runs) and call the driver or Giles' ``mlmc_test``.
+``MLMCConfig`` holds everything that defines an MLMC run besides the model, the observation and eps; it is
+validated once, here, and its defaults are the only ones: the driver, automatic Lmin, the complexity
+prediction and the CLI read theirs from it. Running it lives in ``run.py``.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Literal
 
 import torch
 
-from lightning_mlmc.errors import InputError, WeakConvergenceFailure
+from lightning_mlmc.errors import InputError
 from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_std
 from lightning_mlmc.mlmc.engine import DEFAULT_ROW_BUDGET
-from lightning_mlmc.mlmc.diagnostics import MLMCTestResult, mlmc_test
-from lightning_mlmc.mlmc.driver import first_pilot, mlmc
-from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.levels import CoupledLevelSampler, check_M
-from lightning_mlmc.mlmc.lmin import choose_lmin
 from lightning_mlmc.mlmc.payoffs import PAYOFFS, PayoffName, make_payoff
 from lightning_mlmc.mlmc.picard_levels import PICARD_TOL, PicardLevelSampler, check_picard_level_args
-from lightning_mlmc.mlmc.state import DriverState, fingerprint
+from lightning_mlmc.mlmc.state import fingerprint
 from lightning_mlmc.sampling import SamplerName, StartDistribution, check_sampler
 from lightning_mlmc.schedule import GRID_KINDS, GridKind, TimeGrid
 
@@ -55,6 +50,9 @@ class MLMCConfig:
         antithetic: a sample is the mean of an antithetic pair of paths (noise z and -z), N_l counts pairs
         and the cost both paths (the default: on the demo model it cuts the variance per network evaluation
         of every level and of plain MC several-fold; README "Antithetic pairs").
+        coarse_checkpoint: a cheaper network (a distilled student, ``lightning-mlmc distill``) for the levels
+            below ``switch`` (None: one network); switch: the level between the two networks (teacher minus
+            student on one grid; None: just above Lmin, the student taking the plain level).
     """
 
     grid: GridKind = "logsnr"
@@ -75,6 +73,8 @@ class MLMCConfig:
     picard_window: int | None = None
     picard_tol: float = PICARD_TOL
     antithetic: bool = True
+    coarse_checkpoint: str | None = None
+    switch: int | None = None
 
     def __post_init__(self):
         if self.grid not in GRID_KINDS:
@@ -104,6 +104,11 @@ class MLMCConfig:
         if self.seed < 0:
             raise InputError(f"seed: expected a non-negative integer, got {self.seed}")
         check_picard_level_args(self.picard_window, self.picard_tol)
+        if self.switch is not None and (isinstance(self.switch, bool) or not isinstance(self.switch, int)
+                                        or self.switch < 1):
+            raise InputError(f"switch: expected an integer >= 1 (the level between the two networks), got {self.switch!r}")
+        if self.switch is not None and self.coarse_checkpoint is None:
+            raise InputError("switch: given without a coarse network (coarse_checkpoint, --coarse-checkpoint)")
         if not isinstance(self.antithetic, bool):
             raise InputError(f"antithetic: expected true or false, got {self.antithetic!r}")
 
@@ -135,13 +140,19 @@ class MLMCConfig:
         return args
 
     def level_sampler(self, model, y: Tensor | None, shape, *, start: StartDistribution | None = None,
-                      dtype=torch.float64, device="cpu", seed: int | None = None) -> CoupledLevelSampler:
+                      dtype=torch.float64, device="cpu", seed: int | None = None, coarse_model=None,
+                      switch: int | None = None, coarse_cost: float | None = None) -> CoupledLevelSampler:
         """The coupled level sampler of this scheme (at Lmin 0 when Lmin is automatic: ``run_mlmc`` picks it);
-        Picard-parallel (``PicardLevelSampler``) when ``picard_window`` is set."""
+        Picard-parallel (``PicardLevelSampler``) when ``picard_window`` is set; over two networks with
+        ``coarse_model`` (the loaded ``coarse_checkpoint``) below ``switch`` (default: this config's, else
+        Lmin + 1; ``run_mlmc`` sets it after choosing Lmin)."""
         kw = dict(M=self.M, lmin=0 if self.lmin == "auto" else self.lmin, sampler=self.sampler, coupling=self.coupling,
                   data_std=self.data_std, payoff=make_payoff(self.payoff, self.clip), start=start,
                   grid=self.time_grid(), seed=self.seed if seed is None else seed, dtype=dtype, device=device,
                   antithetic=self.antithetic)
+        if coarse_model is not None:
+            lmin = kw["lmin"]
+            kw.update(coarse_model=coarse_model, switch=switch or self.switch or lmin + 1, coarse_cost=coarse_cost)
         if self.picard_window is not None:
             return PicardLevelSampler(model, y, shape, window=self.picard_window, tol=self.picard_tol,
                                       row_budget=self.row_budget, **kw)
@@ -155,66 +166,8 @@ class MLMCConfig:
                "antithetic": self.antithetic}
         if self.coupling == "jacobian":
             key["data_std"] = self.data_std
+        if self.coarse_checkpoint is not None:
+            key["coarse_checkpoint"], key["switch"] = self.coarse_checkpoint, self.switch
         if self.picard_window is not None:  # a Picard level is the sequential one within its tolerance
             key["picard_window"], key["picard_tol"] = self.picard_window, self.picard_tol
         return fingerprint(**key)
-
-
-def mlmc_auto(levels: CoupledLevelSampler, eps: float, *, lmax: int = 10, n0: int = 100,
-              batch_size: int = 1000, state_path: str | None = None, **driver_kw) -> MLMCResult:
-    """The adaptive driver with Lmin chosen first from a coupled pilot (``choose_lmin``; a resumed run keeps
-    the saved choice). The pilot's levels above Lmin are reused by the driver and the rest is counted in
-    ``nfe``; ``levels`` itself is not changed (the driver gets a copy at the chosen Lmin)."""
-    tic = time.perf_counter()
-    pilot, lmin = None, DriverState.peek_lmin(state_path) if state_path else None
-    if lmin is None:
-        pilot = choose_lmin(levels, driver_kw.get("n_start") or first_pilot(n0, levels.pixels), lmax,
-                            batch_size=batch_size, eps=eps, budget=driver_kw.get("row_budget", DEFAULT_ROW_BUDGET),
-                            progress=driver_kw.get("progress"),
-                            n_max=n0, pilot_fraction=driver_kw.get("pilot_fraction", 0.1),
-                            theta=driver_kw.get("theta", 0.25))
-        lmin = pilot.lmin
-    pilot_seconds = time.perf_counter() - tic
-    try:
-        result = mlmc(levels.with_lmin(lmin), eps, lmax=lmax, n0=n0, batch_size=batch_size, state_path=state_path,
-                      pilot=pilot, **driver_kw)
-    except WeakConvergenceFailure as failure:  # the estimate so far rides along; its wall time too
-        failure.result.wall_seconds += pilot_seconds
-        raise
-    result.wall_seconds += pilot_seconds
-    return result
-
-
-def run_mlmc(config: MLMCConfig, levels: CoupledLevelSampler, eps: float, *, state_path: str | None = None,
-             state_key: str = "", progress=None) -> MLMCResult:
-    """Giles' adaptive MLMC with ``config``'s settings on ``levels`` (``config.level_sampler(...)``), Lmin
-    chosen automatically first when ``config.lmin`` is ``"auto"`` (``mlmc_auto``); payoff ``mean_std`` runs
-    ``maps.mean_std_maps`` (two driver runs)."""
-    if config.payoff == "mean_std":
-        from lightning_mlmc.mlmc.maps import mean_std_maps
-
-        return mean_std_maps(_run_driver, config, levels, eps, state_path=state_path, state_key=state_key,
-                             progress=progress)
-    return _run_driver(config, levels, eps, state_path=state_path, state_key=state_key, progress=progress)
-
-
-def _run_driver(config: MLMCConfig, levels, eps: float, *, state_path=None, state_key: str = "", progress=None):
-    run = mlmc_auto if config.lmin == "auto" else mlmc
-    return run(levels, eps, lmax=config.lmax, n0=config.n0, theta=config.theta, batch_size=config.batch_size,
-               row_budget=config.row_budget, state_path=state_path, state_key=state_key, progress=progress)
-
-
-def run_mlmc_test(config: MLMCConfig, levels: CoupledLevelSampler, finest: int, samples: int,
-                  eps_list=(), progress=None) -> MLMCTestResult:
-    """Giles' ``mlmc_test`` with ``config``'s settings on ``levels``: the levels Lmin..``finest`` (with
-    ``lmin: auto``, Lmin chosen first from a coupled pilot of ``samples`` samples per level)."""
-    pilot_nfe = 0.0
-    if config.lmin == "auto":
-        pilot = choose_lmin(levels, min(samples, config.n0), finest, batch_size=config.batch_size,
-                            budget=config.row_budget, progress=progress)
-        levels = levels.with_lmin(pilot.lmin)
-        pilot_nfe = float(sum(s.n * pilot.costs[l] for l, s in pilot.pilot.items()))
-    result = mlmc_test(levels, finest, samples, eps_list, n0=config.n0, theta=config.theta, lmax=config.lmax,
-                       batch_size=config.batch_size, budget=config.row_budget, progress=progress)
-    result.pilot_nfe = pilot_nfe
-    return result

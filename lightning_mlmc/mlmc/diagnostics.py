@@ -16,10 +16,12 @@ from lightning_mlmc.mlmc.checks import (
     consistency_check,
     kurtosis_warning,
 )
+from lightning_mlmc.mlmc.config import MLMCConfig
 from lightning_mlmc.mlmc.driver import mlmc
 from lightning_mlmc.mlmc.plan import fit_growth, fit_rate
-from lightning_mlmc.mlmc.levels import LevelFunction
-import lightning_mlmc.mlmc.engine as engine
+from lightning_mlmc.mlmc.protocol import LevelFunction
+
+DEFAULTS = MLMCConfig()
 from lightning_mlmc.mlmc.rounds import sample_levels
 from lightning_mlmc.mlmc.sums import level_stats
 
@@ -78,8 +80,9 @@ class MLMCTestResult:
         return "\n".join(out)
 
 
-def mlmc_test(levels: LevelFunction, finest: int, samples: int, eps_list=(), *, n0: int = 100, theta: float = 0.25,
-              lmax: int = 10, batch_size: int = 1000, budget: int = engine.DEFAULT_ROW_BUDGET,
+def mlmc_test(levels: LevelFunction, finest: int, samples: int, eps_list=(), *, n0: int = DEFAULTS.n0,
+              theta: float = DEFAULTS.theta, lmax: int = DEFAULTS.lmax, batch_size: int = DEFAULTS.batch_size,
+              budget: int = DEFAULTS.row_budget,
               progress=None) -> MLMCTestResult:
     """Giles' mlmc_test: ``samples`` coupled samples on every level Lmin..``finest`` (one round of the batched
     engine), the convergence table with kurtosis and the consistency check (and his warnings), fitted rates,

@@ -39,12 +39,14 @@ import lightning_mlmc.mlmc.engine as engine
 import lightning_mlmc.mlmc.finish as finish
 import lightning_mlmc.mlmc.guards as guards
 import lightning_mlmc.mlmc.rounds as rounds
-from lightning_mlmc.mlmc.levels import LevelFunction
+from lightning_mlmc.mlmc.config import MLMCConfig
+from lightning_mlmc.mlmc.protocol import LevelFunction
 from lightning_mlmc.mlmc.lmin import LminChoice
 from lightning_mlmc.mlmc.plan import MAX_ALPHA, MAX_JUMP, Rates, fit_rates, level_variances, optimal_samples, plan
 from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.state import DriverState, fingerprint
 
+DEFAULTS = MLMCConfig()  # the one source of the driver's defaults
 MAX_ROUNDS = 60  # a run that has not decided by then stops, unconverged, with its estimate
 
 
@@ -72,6 +74,7 @@ class _Run:
         self.levels, self.s, self.st = levels, settings, state
         self.M, self.lmin = levels.M, levels.lmin
         self.progress = None
+        self.engine = engine.EngineStats()  # this process's rounds: rows and seconds per network
 
     # -- pilot set-up -----------------------------------------------------------------------------------
     def start(self, pilot: LminChoice | None) -> None:
@@ -94,7 +97,7 @@ class _Run:
     # -- update the sample sums ---------------------------------------------------------------------------
     def sample_pending(self) -> None:
         """One round: every pending sample of every level, together on the batched engine."""
-        rounds.run_round(self.levels, self.st, self.s.batch_size, self.s.row_budget, self.progress)
+        self.engine.add(rounds.run_round(self.levels, self.st, self.s.batch_size, self.s.row_budget, self.progress))
 
     # -- estimates ----------------------------------------------------------------------------------------
     def moments(self) -> list[LevelMoments]:
@@ -282,14 +285,14 @@ def mlmc(
     levels: LevelFunction,
     eps: float,
     *,
-    lmax: int = 10,
-    n0: int = 100,
-    theta: float = 0.25,
+    lmax: int = DEFAULTS.lmax,
+    n0: int = DEFAULTS.n0,
+    theta: float = DEFAULTS.theta,
     alpha0: float | None = None,
     beta0: float | None = None,
     gamma0: float | None = None,
-    batch_size: int = 1000,
-    row_budget: int = engine.DEFAULT_ROW_BUDGET,
+    batch_size: int = DEFAULTS.batch_size,
+    row_budget: int = DEFAULTS.row_budget,
     state_path: str | None = None,
     state_key: str = "",
     pilot: LminChoice | None = None,

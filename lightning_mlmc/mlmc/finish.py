@@ -130,8 +130,19 @@ def result(run, converged: bool, wall_seconds: float, method: str) -> MLMCResult
         mc_sequential_calls=engine.plain_mc_calls(int(mc.steps), int(mc.samples) * (2 if mc.antithetic else 1),
                                                   s.batch_size * (2 if mc.antithetic else 1), s.row_budget),
         world_size=world_size(), scheme=dict(run.levels.scheme), warnings=warnings,
+        cost_unit=run.levels.cost_unit, network_costs=network_costs(run),
         moments=moments,
     )
+
+
+def network_costs(run) -> dict:
+    """Per network of a level function over networks: its row cost (in the cost unit), and the rows it
+    evaluated and the seconds per row measured in this process's rounds (the engine's batch sizes)."""
+    out = {}
+    for name, info in run.levels.network_costs().items():
+        rows, seconds = run.engine.network_rows.get(name, 0), run.engine.network_seconds.get(name, 0.0)
+        out[name] = {**info, "rows": rows, "seconds_per_row": seconds / rows if rows else None}
+    return out
 
 
 def _stats(run, m: LevelMoments, moments: list[LevelMoments], check: float) -> LevelStats:

@@ -96,6 +96,21 @@ class CoupledLevelSampler(LevelFunction):
         copy.lmin = int(lmin)
         return copy
 
+    def with_switch(self, switch: int) -> "CoupledLevelSampler":
+        """The same two networks with another switch level."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.switch = check_networks(self.coarse_model, switch, self._coarse_cost)[1]
+        return copy
+
+    def coarse_levels(self) -> "CoupledLevelSampler":
+        """The coarse network's own one-network levels (automatic Lmin's pilot of a two-network run; costs in
+        coarse-network NFEs)."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.model, copy.coarse_model, copy.switch = self.coarse_model, None, None
+        return copy
+
     @property
     def y(self) -> Tensor | None:
         return self._y

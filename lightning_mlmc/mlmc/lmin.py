@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass, field
 
 from lightning_mlmc.errors import InputError
-import lightning_mlmc.mlmc.engine as engine
+from lightning_mlmc.mlmc.config import MLMCConfig
 from lightning_mlmc.mlmc.rounds import sample_levels
 from lightning_mlmc.mlmc.checks import KURTOSIS_WARNING
 from lightning_mlmc.mlmc.sums import LevelSums, level_stats
@@ -41,14 +41,15 @@ class LminChoice:
         return nfe, calls
 
 
+DEFAULTS = MLMCConfig()
 FIRST_CLIMB = 3  # levels the climb samples in its first round
 KURTOSIS_PILOT = 128  # samples a pilot level needs before its kurtosis can show Giles' threshold (a sample
 # kurtosis of n values is at most about n - 2)
 
 
-def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = 1000, ratio: float = 0.25, eps: float | None = None,
-                n_max: int | None = None, pilot_fraction: float = 0.1, theta: float = 0.5,
-                budget: int = engine.DEFAULT_ROW_BUDGET, progress=None) -> LminChoice:
+def choose_lmin(levels, n: int, lmax: int, *, batch_size: int = DEFAULTS.batch_size, ratio: float = 0.25,
+                eps: float | None = None, n_max: int | None = None, pilot_fraction: float = 0.1,
+                theta: float = DEFAULTS.theta, budget: int = DEFAULTS.row_budget, progress=None) -> LminChoice:
     """Automatic Lmin from a pilot run of ``n`` coupled samples on levels 1, 2, ...
 
     The pilot stops at the first level whose coupled variance V_l is below ``ratio`` V[P_l] (the coupling

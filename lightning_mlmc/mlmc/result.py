@@ -57,6 +57,8 @@ class MLMCResult:
     world_size: int = 1
     scheme: dict = field(default_factory=dict)  # grid, coupling, sampler, ... of the level function
     warnings: list = field(default_factory=list)  # Giles' kurtosis and consistency warnings on the levels
+    cost_unit: str = "NFE"  # the unit of nfe, nfe_mc and the level costs (teacher NFEs with a coarse network)
+    network_costs: dict = field(default_factory=dict)  # per network: row_cost (in cost_unit), rows, seconds_per_row
     maps: dict = field(default_factory=dict)  # payoff mean_std: each map's RMSE estimate (``maps.mean_std_maps``)
     moments: list = field(default_factory=list, repr=False)  # per-pixel LevelMoments of ``levels``
 

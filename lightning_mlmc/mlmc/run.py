@@ -1,0 +1,107 @@
+"""Running an ``MLMCConfig``: automatic Lmin first (``choose_lmin``), then Giles' driver or ``mlmc_test``.
+
+``run_mlmc`` and ``run_mlmc_test`` take the config and a level sampler built from it
+(``config.level_sampler(...)``); every default is the config's.
+"""
+
+from __future__ import annotations
+
+import time
+
+from lightning_mlmc.errors import WeakConvergenceFailure
+from lightning_mlmc.mlmc.config import MLMCConfig
+from lightning_mlmc.mlmc.diagnostics import MLMCTestResult, mlmc_test
+from lightning_mlmc.mlmc.driver import first_pilot, mlmc
+from lightning_mlmc.mlmc.levels import CoupledLevelSampler
+from lightning_mlmc.mlmc.lmin import choose_lmin
+from lightning_mlmc.mlmc.result import MLMCResult
+from lightning_mlmc.mlmc.state import DriverState
+
+DEFAULTS = MLMCConfig()
+
+
+def mlmc_auto(levels: CoupledLevelSampler, eps: float, *, lmax: int = DEFAULTS.lmax, n0: int = DEFAULTS.n0,
+              batch_size: int = DEFAULTS.batch_size, state_path: str | None = None, switch_above_lmin: bool = False,
+              **driver_kw) -> MLMCResult:
+    """The adaptive driver with Lmin chosen first from a coupled pilot (``choose_lmin``; a resumed run keeps
+    the saved choice). The pilot's levels above Lmin are reused by the driver and the rest is counted in
+    ``nfe``; ``levels`` itself is not changed (the driver gets a copy at the chosen Lmin).
+
+    ``switch_above_lmin`` (levels over two networks): Lmin is chosen on the coarse network's own levels (a
+    cheap pilot, counted in ``nfe`` and not reused) and the switch set just above it, so the coarse network
+    runs the plain level and the teacher every level above."""
+    tic = time.perf_counter()
+    pilot, lmin = None, DriverState.peek_lmin(state_path) if state_path else None
+    probe = levels.coarse_levels() if switch_above_lmin else levels
+    if lmin is None:
+        pilot = choose_lmin(probe, driver_kw.get("n_start") or first_pilot(n0, levels.pixels), lmax,
+                            batch_size=batch_size, eps=eps, budget=driver_kw.get("row_budget", DEFAULTS.row_budget),
+                            progress=driver_kw.get("progress"),
+                            n_max=n0, pilot_fraction=driver_kw.get("pilot_fraction", 0.1),
+                            theta=driver_kw.get("theta", DEFAULTS.theta))
+        lmin = pilot.lmin
+    pilot_seconds = time.perf_counter() - tic
+    unused = 0.0
+    if switch_above_lmin:  # the coarse network's pilot: not the levels the driver runs
+        levels = levels.with_switch(lmin + 1)
+        if pilot is not None:
+            unused = sum(s.n * pilot.costs[l] for l, s in pilot.pilot.items()) * levels.row_cost("coarse")
+        pilot = None
+    try:
+        result = mlmc(levels.with_lmin(lmin), eps, lmax=lmax, n0=n0, batch_size=batch_size, state_path=state_path,
+                      pilot=pilot, **driver_kw)
+    except WeakConvergenceFailure as failure:  # the estimate so far rides along; its wall time too
+        _add_pilot(failure.result, pilot_seconds, unused)
+        raise
+    return _add_pilot(result, pilot_seconds, unused)
+
+
+def _add_pilot(result: MLMCResult, seconds: float, cost: float) -> MLMCResult:
+    result.wall_seconds += seconds
+    if cost:
+        result.pilot_nfe += cost
+        result.nfe += cost
+        result.savings = result.nfe_mc / result.nfe
+        result.savings_same_grid = result.nfe_mc_same_grid / result.nfe
+    return result
+
+
+def run_mlmc(config: MLMCConfig, levels: CoupledLevelSampler, eps: float, *, state_path: str | None = None,
+             state_key: str = "", progress=None) -> MLMCResult:
+    """Giles' adaptive MLMC with ``config``'s settings on ``levels`` (``config.level_sampler(...)``), Lmin
+    chosen automatically first when ``config.lmin`` is ``"auto"`` (``mlmc_auto``); payoff ``mean_std`` runs
+    ``maps.mean_std_maps`` (two driver runs)."""
+    if config.payoff == "mean_std":
+        from lightning_mlmc.mlmc.maps import mean_std_maps
+
+        return mean_std_maps(_run_driver, config, levels, eps, state_path=state_path, state_key=state_key,
+                             progress=progress)
+    return _run_driver(config, levels, eps, state_path=state_path, state_key=state_key, progress=progress)
+
+
+def _run_driver(config: MLMCConfig, levels, eps: float, *, state_path=None, state_key: str = "", progress=None):
+    kw = dict(lmax=config.lmax, n0=config.n0, theta=config.theta, batch_size=config.batch_size,
+              row_budget=config.row_budget, state_path=state_path, state_key=state_key, progress=progress)
+    if config.lmin != "auto":
+        return mlmc(levels, eps, **kw)
+    follow = levels.coarse_model is not None and config.switch is None
+    return mlmc_auto(levels, eps, switch_above_lmin=follow, **kw)
+
+
+def run_mlmc_test(config: MLMCConfig, levels: CoupledLevelSampler, finest: int, samples: int,
+                  eps_list=(), progress=None) -> MLMCTestResult:
+    """Giles' ``mlmc_test`` with ``config``'s settings on ``levels``: the levels Lmin..``finest`` (with
+    ``lmin: auto``, Lmin chosen first from a coupled pilot of ``samples`` samples per level)."""
+    pilot_nfe = 0.0
+    if config.lmin == "auto":
+        follow = levels.coarse_model is not None and config.switch is None
+        pilot = choose_lmin(levels.coarse_levels() if follow else levels, min(samples, config.n0), finest,
+                            batch_size=config.batch_size, budget=config.row_budget, progress=progress)
+        levels = (levels.with_switch(pilot.lmin + 1) if follow else levels).with_lmin(pilot.lmin)
+        pilot_nfe = float(sum(s.n * pilot.costs[l] for l, s in pilot.pilot.items()))
+        if follow:
+            pilot_nfe *= levels.row_cost("coarse")
+    result = mlmc_test(levels, finest, samples, eps_list, n0=config.n0, theta=config.theta, lmax=config.lmax,
+                       batch_size=config.batch_size, budget=config.row_budget, progress=progress)
+    result.pilot_nfe = pilot_nfe
+    return result
