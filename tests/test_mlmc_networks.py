@@ -132,3 +132,47 @@ def test_bad_network_options_are_named():
     assert CoupledLevelSampler(teacher, y, (3,), coarse_model=teacher, switch=2).row_cost("coarse") == 1.0
     with pytest.raises(InputError, match="picard_window"):
         MLMCConfig(picard_window=8).level_sampler(teacher, y, (3,), coarse_model=teacher, switch=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The command line: --coarse-checkpoint on two exported networks of one problem
+
+
+def _exported(tmp_path, name, operator, **kw):
+    from lightning_mlmc.module import ScoreModule
+
+    module = ScoreModule(operator=operator, attention=False, **kw)
+    module.export(str(tmp_path / name))
+    return str(tmp_path / name)
+
+
+def test_cli_mlmc_with_a_coarse_checkpoint(tmp_path, capsys):
+    """``mlmc --coarse-checkpoint``: the result states the teacher-NFE unit and the student's FLOPs ratio (a
+    [8, 8] UNet against an [8, 16] one: below 1), the rows each network evaluated; a student of another
+    problem, or one with an analytic --problem, is a one-line error with status 2."""
+    import json
+
+    from lightning_mlmc.cli import main as cli_main
+
+    superres = {"name": "superres", "shape": [1, 8, 8], "noise_std": 0.05, "factor": 2, "upsample": "nearest"}
+    teacher = _exported(tmp_path, "teacher", superres, channels=[8, 16])
+    student = _exported(tmp_path, "student", superres, channels=[8, 8])
+    other = _exported(tmp_path, "other", {"name": "denoise", "shape": [1, 8, 8], "noise_std": 0.1}, channels=[8, 8])
+    np.save(tmp_path / "y.npy", np.zeros((1, 4, 4), np.float32))
+    out = tmp_path / "m.json"
+    rc = cli_main(["mlmc", "--checkpoint", teacher, "--observation", str(tmp_path / "y.npy"), "--eps", "0.2",
+                   "--clip", "1", "--lmin", "1", "--switch", "2", "--lmax", "5", "--n0", "4",
+                   "--coarse-checkpoint", student, "--out", str(out)])
+    assert rc in (0, 3)
+    r = json.loads(out.read_text())
+    assert r["cost_unit"].startswith("teacher NFE") and r["switch"] == 2
+    ratio = r["network_costs"]["coarse"]["row_cost"]
+    assert 0 < ratio < 1 and r["network_costs"]["coarse"]["rows"] > 0 and r["network_costs"]["model"]["rows"] > 0
+    capsys.readouterr()
+    for args, needle in ((["--checkpoint", teacher, "--observation", str(tmp_path / "y.npy"), "--coarse-checkpoint",
+                           other], "solves another problem"),
+                         (["--checkpoint", teacher, "--observation", str(tmp_path / "y.npy"), "--switch", "2"],
+                          "without a coarse network")):
+        rc = cli_main(["mlmc", *args, "--eps", "0.2", "--lmin", "1", "--lmax", "3", "--out", str(tmp_path / "x.json")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and needle in err[0], err
