@@ -129,3 +129,25 @@ def test_callbacks_run_before_the_ema_callback_so_they_see_the_averaged_weights(
     trainer = pl.Trainer(callbacks=[ema, cb], logger=False, default_root_dir=str(tmp_path))
     cb.setup(trainer, None, "fit")
     assert trainer.callbacks.index(cb) < trainer.callbacks.index(ema)
+
+
+def test_a_config_file_nests_the_mlmc_options(tmp_path):
+    """LightningCLI builds MLMCCallback(mlmc=MLMCConfig(...)) from a nested mapping in the YAML (the options are
+    MLMCConfig's, not re-declared by the callback); a field MLMCConfig does not have is refused."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "configs", "digits_superres.yaml")).read()
+    line = next(l for l in text.splitlines() if "init_args: {observations: 2, every_n_epochs: 80}" in l)
+    good = tmp_path / "good.yaml"
+    good.write_text(text.replace(line, "      init_args: {observations: 2, mlmc: {lmax: 9, theta: 0.3, clip: 1.5}}"))
+    res = subprocess.run([sys.executable, "-m", "lightning_mlmc", "fit", "--config", str(good), "--print_config"],
+                         capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "lmax: 9" in res.stdout and "theta: 0.3" in res.stdout and "clip: 1.5" in res.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace(line, "      init_args: {observations: 2, mlmc: {lmaxx: 9}}"))
+    res = subprocess.run([sys.executable, "-m", "lightning_mlmc", "fit", "--config", str(bad), "--print_config"],
+                         capture_output=True, text=True, cwd=root)
+    assert res.returncode != 0 and "lmaxx" in res.stderr
