@@ -45,7 +45,7 @@ def reference(target, pairs: int, batch: int = 50) -> dict:
     (from the spread of the batch means), independent of the MLMC code."""
     means, tic = [], time.perf_counter()
     for b in range(math.ceil(pairs / batch)):
-        r = run_mc(target, MLMCConfig(), REFERENCE_STEPS, batch, 50_000 + b, antithetic=True)
+        r = run_mc(target, MLMCConfig(), REFERENCE_STEPS, batch, 5000 + b, antithetic=True)
         means.append(np.array(r["estimate"]))
         log(f"  reference batch {b + 1}: {r['nfe']} NFEs")
     m = np.stack(means)

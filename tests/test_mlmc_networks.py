@@ -176,3 +176,19 @@ def test_cli_mlmc_with_a_coarse_checkpoint(tmp_path, capsys):
         rc = cli_main(["mlmc", *args, "--eps", "0.2", "--lmin", "1", "--lmax", "3", "--out", str(tmp_path / "x.json")])
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and len(err) == 1 and needle in err[0], err
+
+
+def test_the_switch_pilot_uses_the_student_only_where_it_pays():
+    """``choose_switch``: a student identical to the teacher at a quarter of its cost pays (the switch level
+    has no variance); the same student at the teacher's cost does not (it adds a level and saves nothing)."""
+    from lightning_mlmc.mlmc.run import choose_switch
+
+    y = torch.tensor(Y, dtype=torch.float64)[None]
+    teacher = ExactPosteriorEps(spec())
+    same_cheap = CoupledLevelSampler(teacher, y, (3,), coarse_model=ExactPosteriorEps(spec()), switch=1, coarse_cost=0.25)
+    chosen, why, cost = choose_switch(same_cheap, 2, 64, 1000, 4096)
+    assert chosen.coarse_model is not None and chosen.switch == 3 and why.startswith("coarse network below level 3")
+    assert cost == 64 * same_cheap.with_switch(3).cost(3)
+    same_dear = CoupledLevelSampler(teacher, y, (3,), coarse_model=ExactPosteriorEps(spec()), switch=1, coarse_cost=1.0)
+    chosen, why, _ = choose_switch(same_dear, 2, 64, 1000, 4096)
+    assert chosen.coarse_model is None and chosen.switch is None and why.startswith("coarse network not used")

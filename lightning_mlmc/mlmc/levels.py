@@ -103,6 +103,13 @@ class CoupledLevelSampler(LevelFunction):
         copy.switch = check_networks(self.coarse_model, switch, self._coarse_cost)[1]
         return copy
 
+    def teacher_levels(self) -> "CoupledLevelSampler":
+        """The teacher's own one-network levels (the coarse network dropped)."""
+        copy = object.__new__(type(self))
+        copy.__dict__.update(self.__dict__)
+        copy.coarse_model, copy.switch = None, None
+        return copy
+
     def coarse_levels(self) -> "CoupledLevelSampler":
         """The coarse network's own one-network levels (automatic Lmin's pilot of a two-network run; costs in
         coarse-network NFEs)."""

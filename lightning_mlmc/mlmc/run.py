@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 from lightning_mlmc.errors import WeakConvergenceFailure
@@ -15,6 +16,7 @@ from lightning_mlmc.mlmc.driver import first_pilot, mlmc
 from lightning_mlmc.mlmc.levels import CoupledLevelSampler
 from lightning_mlmc.mlmc.lmin import choose_lmin
 from lightning_mlmc.mlmc.result import MLMCResult
+from lightning_mlmc.mlmc.rounds import sample_levels
 from lightning_mlmc.mlmc.state import DriverState
 
 DEFAULTS = MLMCConfig()
@@ -41,23 +43,52 @@ def mlmc_auto(levels: CoupledLevelSampler, eps: float, *, lmax: int = DEFAULTS.l
                             theta=driver_kw.get("theta", DEFAULTS.theta))
         lmin = pilot.lmin
     pilot_seconds = time.perf_counter() - tic
-    unused = 0.0
+    unused, why = 0.0, None
     if switch_above_lmin:  # the coarse network's pilot: not the levels the driver runs
-        levels = levels.with_switch(lmin + 1)
         if pilot is not None:
             unused = sum(s.n * pilot.costs[l] for l, s in pilot.pilot.items()) * levels.row_cost("coarse")
+        n = pilot.n if pilot is not None else first_pilot(n0, levels.pixels)
+        levels, why, cost = choose_switch(levels, lmin, n, batch_size, driver_kw.get("row_budget", DEFAULTS.row_budget))
+        unused += cost
         pilot = None
     try:
         result = mlmc(levels.with_lmin(lmin), eps, lmax=lmax, n0=n0, batch_size=batch_size, state_path=state_path,
                       pilot=pilot, **driver_kw)
     except WeakConvergenceFailure as failure:  # the estimate so far rides along; its wall time too
-        _add_pilot(failure.result, pilot_seconds, unused)
+        _add_pilot(failure.result, pilot_seconds, unused, why)
         raise
-    return _add_pilot(result, pilot_seconds, unused)
+    return _add_pilot(result, pilot_seconds, unused, why)
 
 
-def _add_pilot(result: MLMCResult, seconds: float, cost: float) -> MLMCResult:
+SWITCH_PILOT_BATCH = 2**30  # the switch pilot's stream (no estimate draws from it)
+
+
+def choose_switch(levels: CoupledLevelSampler, lmin: int, n: int, batch_size: int, budget: int):
+    """(levels, why, cost): whether the coarse network pays on the plain level Lmin, from ``n`` pilot samples of
+    the switch level at Lmin's grid (teacher minus student, same noise; its own stream). The teacher's plain
+    level costs sqrt(V[P^T] C^T) in Giles' sum_l sqrt(V_l C_l), the student's plain level and the switch level
+    sqrt(V[P^S] C^S) + sqrt(V_sw C_sw) (the levels above are the teacher's either way); the cheaper wins. A
+    student whose difference from the teacher varies as much as the teacher's samples do buys nothing."""
+    two = levels.with_switch(lmin + 1).with_lmin(lmin)
+    sums, _ = sample_levels(two, {lmin + 1: n}, batch_size, budget, {lmin + 1: SWITCH_PILOT_BATCH})
+    s = sums[lmin + 1]
+    var = lambda a, b: float((s.sums[b] / s.n - (s.sums[a] / s.n) ** 2).clamp_min(0).mean())  # noqa: E731
+    v_teacher, v_student, v_switch = var("f1", "f2"), var("c1", "c2"), var("y1", "y2")
+    teacher = math.sqrt(v_teacher * two.teacher_levels().with_lmin(lmin).cost(lmin))
+    student = math.sqrt(v_student * two.cost(lmin)) + math.sqrt(v_switch * two.cost(lmin + 1))
+    what = (f"switch pilot ({n} samples at {two.steps(lmin)} steps): teacher alone {teacher:.3g}, student and switch "
+            f"{student:.3g} in sum sqrt(V C) (V[P_teacher] {v_teacher:.3g}, V[P_student] {v_student:.3g}, "
+            f"V[teacher - student] {v_switch:.3g})")
+    cost = n * two.cost(lmin + 1)
+    if student < teacher:
+        return two, f"coarse network below level {lmin + 1}: {what}", cost
+    return levels.teacher_levels(), f"coarse network not used: {what}", cost
+
+
+def _add_pilot(result: MLMCResult, seconds: float, cost: float, why: str | None = None) -> MLMCResult:
     result.wall_seconds += seconds
+    if why is not None:
+        result.scheme["switch_reason"] = why
     if cost:
         result.pilot_nfe += cost
         result.nfe += cost
