@@ -16,16 +16,9 @@ from lightning_mlmc import AnalyticSpec, ExactPosteriorEps, NoiseSource, TimeGri
 from lightning_mlmc.gaussian_oracle import GaussianOracle, affine_law
 from lightning_mlmc.picard import picard_sample
 from lightning_mlmc.problems import gaussian_inpaint_spec
-from lightning_mlmc.solvers import sample_dpm2m
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = (8, 16, 32, 64, 128, 256, 512)
-
-
-def _run(name, model, y, noise, **kw):
-    if name == "dpm2m":
-        return sample_dpm2m(model, y, noise, **kw)
-    return sample(model, y, noise, sampler=name, **kw)
 
 
 def weak_order() -> list[dict]:
@@ -37,7 +30,8 @@ def weak_order() -> list[dict]:
         for name in ("ddim", "dpm2m"):
             errs = []
             for n in STEPS:
-                law = affine_law(lambda nz: _run(name, model, y, nz, steps=n, grid=TimeGrid(kind)).samples, spec.shape)
+                run = lambda nz: sample(model, y, nz, sampler=name, steps=n, grid=TimeGrid(kind)).samples  # noqa: E731
+                law = affine_law(run, spec.shape)
                 err = float((law.second_moment - flow.second_moment).pow(2).mean().sqrt())
                 errs.append(err)
                 rows.append({"kind": "weak", "grid": kind, "solver": name, "steps": n, "err_flow_m2": err,
@@ -55,7 +49,7 @@ def picard_rounds() -> list[dict]:
     grid, rows = TimeGrid("logsnr"), []
     for name in ("ddim", "dpm2m"):
         for steps in (25, 50, 100):
-            ref = _run(name, model, y, NoiseSource(0, shape), steps=steps, grid=grid).samples
+            ref = sample(model, y, NoiseSource(0, shape), sampler=name, steps=steps, grid=grid).samples
             spread = float(ref.reshape(shape[0], -1).std(0).pow(2).mean().sqrt())
             for window in sorted({16, steps}):
                 for tol in (0.1, 0.01):

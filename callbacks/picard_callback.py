@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from typing import Literal
 
 import numpy as np
 import pytorch_lightning as pl
@@ -13,8 +12,9 @@ from typing_extensions import override
 import callbacks.uq_logging as uq_logging
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.figures import residual_plot
-from lightning_mlmc.picard import SLIDE_RULES, picard_sample
-from lightning_mlmc.sampling import NoiseSource, call_model, check_sampler, sample
+from lightning_mlmc.picard import picard_sample
+from lightning_mlmc.samplers import DEFAULT_SAMPLER, SamplerName, SlideRule, get_sampler
+from lightning_mlmc.sampling import NoiseSource, call_model, sample
 
 
 class PicardCallback(uq_logging.ValidationUQCallback):
@@ -27,28 +27,21 @@ class PicardCallback(uq_logging.ValidationUQCallback):
     ``max_abs_diff`` (max |Picard - sequential|) and the residual-per-round plot. Runs on rank zero.
 
     Args:
-        steps: sampler steps; window: Picard window (>= 1); tol: tolerance (> 0, in units of each step's
-        DDPM noise std); anderson: triangular Anderson memory (0 = plain Picard; 2, the measured best, by
-        default); slide: the window's slide rule (``paradigms``, the default, or ``prefix``); sampler: ddpm or ddim;
+        steps: sampler steps; sampler: a sampler of the registry (``lightning_mlmc.samplers``; default ddpm).
+        window, tol, anderson, slide: the Picard options (window >= 1; tol > 0, in units of each step's DDPM noise
+            std; triangular Anderson memory, 0 = plain Picard; slide rule ``paradigms`` or ``prefix``); None, the
+            default, takes the sampler's measured default (``SamplerSpec.picard``).
         observations, samples_per_observation: batch; every_n_epochs: cadence (and once at the end of fit);
         repeats: timed runs of each sampler after a warm-up, alternated (the wall speedup is the ratio of the medians).
     """
 
-    def __init__(self, steps: int = 100, window: int = 32, tol: float = 0.1, anderson: int = 2,
-                 slide: Literal["paradigms", "prefix"] = "paradigms", sampler: Literal["ddpm", "ddim"] = "ddpm",
+    def __init__(self, steps: int = 100, window: int | None = None, tol: float | None = None,
+                 anderson: int | None = None, slide: SlideRule | None = None, sampler: SamplerName = DEFAULT_SAMPLER,
                  observations: int = 2, samples_per_observation: int = 4, every_n_epochs: int = 1, seed: int = 0,
                  repeats: int = 3):
         if steps < 1:
             raise InputError(f"steps: expected >= 1, got {steps}")
-        if window < 1:
-            raise InputError(f"window: expected an integer >= 1, got {window}")
-        if not tol > 0:
-            raise InputError(f"tol: expected a positive number, got {tol}")
-        if anderson < 0:
-            raise InputError(f"anderson: expected >= 0, got {anderson}")
-        if slide not in SLIDE_RULES:
-            raise InputError(f"slide: unknown rule {slide!r}; expected paradigms or prefix")
-        check_sampler(sampler)
+        options = get_sampler(sampler).picard.with_overrides(window, tol, anderson, slide)  # validated there
         if observations < 1 or samples_per_observation < 1:
             raise InputError("observations/samples_per_observation: expected at least 1 of each")
         if every_n_epochs < 1:
@@ -56,8 +49,8 @@ class PicardCallback(uq_logging.ValidationUQCallback):
         if repeats < 1:
             raise InputError(f"repeats: expected >= 1, got {repeats}")
         self.repeats = int(repeats)
-        self.steps, self.window, self.tol, self.anderson = int(steps), int(window), float(tol), int(anderson)
-        self.slide = slide
+        self.steps, self.window, self.tol = int(steps), options.window, float(options.tol)
+        self.anderson, self.slide = options.anderson, options.slide
         self.sampler, self.observations, self.samples = sampler, int(observations), int(samples_per_observation)
         self.every_n_epochs, self.seed = int(every_n_epochs), int(seed)
 

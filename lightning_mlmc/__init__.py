@@ -12,6 +12,7 @@ from lightning_mlmc.diffusion import (
 )
 from lightning_mlmc.errors import InputError, NumericalError, WeakConvergenceFailure
 from lightning_mlmc.problems import AnalyticSpec, ExactPosteriorEps, GaussianMixture, exact_posterior
+from lightning_mlmc.samplers import SAMPLERS, PicardOptions, SamplerSpec, get_sampler
 from lightning_mlmc.sampling import (
     NoiseSource,
     SampleOutput,
@@ -22,6 +23,7 @@ from lightning_mlmc.sampling import (
     sample,
     sample_ddim,
     sample_ddpm,
+    sample_dpm2m,
 )
 from lightning_mlmc.schedule import TimeGrid, VPSchedule, uniform_grid
 
@@ -71,7 +73,10 @@ __all__ = [*_LAZY,
     "InputError",
     "NoiseSource",
     "NumericalError",
+    "PicardOptions",
+    "SAMPLERS",
     "SampleOutput",
+    "SamplerSpec",
     "StartDistribution",
     "StepCoefficients",
     "TimeGrid",
@@ -82,11 +87,13 @@ __all__ = [*_LAZY,
     "eps_to_x0",
     "exact_posterior",
     "gaussian_start",
+    "get_sampler",
     "masked_start",
     "observation_start",
     "sample",
     "sample_ddim",
     "sample_ddpm",
+    "sample_dpm2m",
     "score_to_eps",
     "step_coefficients",
     "step_increment",

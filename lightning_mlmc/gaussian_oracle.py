@@ -14,10 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from lightning_mlmc.diffusion import step_coefficients
+from lightning_mlmc.diffusion import StepCoefficients
 from lightning_mlmc.mlmc.coupling import coarse_noise_weights
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.problems import AnalyticSpec, exact_posterior
+from lightning_mlmc.samplers import DEFAULT_SAMPLER, SAMPLERS, SamplerName, get_sampler
 from lightning_mlmc.sampling import NoiseSource, StartDistribution, gaussian_start
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
@@ -35,7 +36,8 @@ class GaussianLaw:
 
 
 class GaussianOracle:
-    """Exact laws of the DDPM / DDIM chains for an analytic spec whose posterior is one Gaussian."""
+    """Exact laws of the one-step sampler chains (DDPM, DDIM) for an analytic spec whose posterior is one Gaussian
+    (a multistep sampler's law: ``affine_law``)."""
 
     def __init__(self, spec: AnalyticSpec, schedule: VPSchedule | None = None):
         post = exact_posterior(spec)
@@ -61,7 +63,16 @@ class GaussianOracle:
         std = torch.as_tensor(start.std, dtype=torch.float64).reshape(-1).expand(self.n)
         return GaussianLaw(mean, torch.diag(std**2))
 
-    def law(self, steps: int, sampler: str = "ddpm", grid: TimeGrid | None = None,
+    def _coefficients(self, times: Tensor, sampler: SamplerName) -> StepCoefficients:
+        """The one-step sampler's coefficients on ``times`` (a multistep sampler's step is not x' = F x + g + c xi)."""
+        spec = get_sampler(sampler)
+        if spec.multistep:
+            one_step = ", ".join(name for name, s in SAMPLERS.items() if not s.multistep)
+            raise InputError(f"sampler: the oracle's recursion is for one-step samplers ({one_step}), not {sampler!r}; "
+                             "affine_law gives any sampler's exact law")
+        return spec.coefficients(times, self.schedule)
+
+    def law(self, steps: int, sampler: SamplerName = DEFAULT_SAMPLER, grid: TimeGrid | None = None,
             start: StartDistribution | None = None, times: Tensor | None = None) -> GaussianLaw:
         """Exact law of the sampler's output after ``steps`` steps (on ``times`` when given, e.g. PIADM's grid)."""
         start = start or gaussian_start()
@@ -69,7 +80,7 @@ class GaussianOracle:
             times = (grid or TimeGrid()).times(steps, start.t, self.schedule)
         elif len(times) != steps + 1:
             raise InputError(f"times: expected {steps + 1} times for {steps} steps, got {len(times)}")
-        coef = step_coefficients(times, sampler == "ddpm", self.schedule)
+        coef = self._coefficients(times, sampler)
         law = self._start(start)
         mean, cov = law.mean, law.cov
         for k in range(steps):
@@ -92,7 +103,7 @@ class GaussianOracle:
         cov = a @ law.cov @ a.T
         return GaussianLaw(mean, 0.5 * (cov + cov.T))
 
-    def level_moments(self, level: int, M: int = 2, sampler: str = "ddpm", coupling: str = "weighted",
+    def level_moments(self, level: int, M: int = 2, sampler: SamplerName = DEFAULT_SAMPLER, coupling: str = "weighted",
                       payoff: str = "second_moment", grid: TimeGrid | None = None, data_std: float = 0.5,
                       start: StartDistribution | None = None, single: bool = False):
         """Exact per-pixel mean and variance of P_l - P_{l-1} (or of P_l alone when ``single``).
@@ -103,13 +114,13 @@ class GaussianOracle:
         start = start or gaussian_start()
         grid = grid or TimeGrid()
         n_f = M**level
-        cf = step_coefficients(grid.times(n_f, start.t, self.schedule), sampler == "ddpm", self.schedule)
+        cf = self._coefficients(grid.times(n_f, start.t, self.schedule), sampler)
         law0 = self._start(start)
         if single or level == 0:
             law = self.law(n_f, sampler, grid, start)
             mean, var = _payoff_moments(law.mean, torch.diagonal(law.cov), payoff)
             return mean, var, var
-        cc = step_coefficients(grid.times(n_f // M, start.t, self.schedule), sampler == "ddpm", self.schedule)
+        cc = self._coefficients(grid.times(n_f // M, start.t, self.schedule), sampler)
         n = self.n
         mf, mc = law0.mean.clone(), law0.mean.clone()
         # Joint covariance blocks; the fine and coarse paths start from the same x_T.

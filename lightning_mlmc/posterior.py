@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_mlmc.errors import InputError
+from lightning_mlmc.samplers import DEFAULT_SAMPLER, SamplerName
 from lightning_mlmc.sampling import NoiseSource, derive_seed, sample
 from lightning_mlmc.schedule import TimeGrid
 
@@ -39,7 +40,7 @@ class PosteriorSummary:
 
 @torch.no_grad()
 def posterior_summary(model, y: Tensor, shape, *, num_samples: int = 16, steps: int = 100,
-                      sampler: str = "ddpm", seed: int = 0, batch_size: int = 1024,
+                      sampler: SamplerName = DEFAULT_SAMPLER, seed: int = 0, batch_size: int = 1024,
                       grid: TimeGrid | None = None, dtype=torch.float32) -> PosteriorSummary:
     """Draw ``num_samples`` posterior samples for every observation in ``y`` (N, *obs_shape)."""
     if num_samples < 2:

@@ -1,9 +1,10 @@
-"""Sequential reverse-diffusion samplers (DDPM exponential integrator and DDIM), noise and starts.
+"""Sequential reverse-diffusion samplers (every sampler of the registry: DDPM, DDIM, DPM-Solver++(2M)), noise
+and starts.
 
-Samplers are plain functions: ``sample(model, y, noise, steps=..., sampler=...)``. The model is any
-eps-predictor called as ``model(x_t, y, t)`` (a trained network or ``ExactPosteriorEps``).
-Randomness is injected through a ``NoiseSource``: every random tensor (the start draw and each step's
-xi) comes from its own generator keyed by (seed, stream, index), so Picard and MLMC can ask for the
+Samplers are plain functions: ``sample(model, y, noise, steps=..., sampler=...)``, the sampler looked up in
+``lightning_mlmc.samplers``. The model is any eps-predictor called as ``model(x_t, y, t)`` (a trained network or
+``ExactPosteriorEps``). Randomness is injected through a ``NoiseSource``: every random tensor (the start draw and
+each step's xi) comes from its own generator keyed by (seed, stream, index), so Picard and MLMC can ask for the
 same noise in any order and get identical values.
 """
 
@@ -11,26 +12,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Callable
 
 import numpy as np
 import torch
 
-from lightning_mlmc.diffusion import advance, step_coefficients
 from lightning_mlmc.errors import InputError, NumericalError
+from lightning_mlmc.samplers import DEFAULT_SAMPLER, SamplerName, get_sampler
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
 Tensor = torch.Tensor
 Model = Callable[[Tensor, Tensor, Tensor], Tensor]
-SamplerName = Literal["ddpm", "ddim"]
-SAMPLERS = ("ddpm", "ddim")
-
-
-def check_sampler(name: str, what: str = "sampler") -> str:
-    """``name`` if it is a base sampler (ddpm: the stochastic exponential integrator; ddim: eta = 0)."""
-    if name not in SAMPLERS:
-        raise InputError(f"{what}: unknown sampler {name!r}; expected ddpm or ddim")
-    return name
 
 
 class Streams:
@@ -219,7 +211,7 @@ def sample(
     noise: NoiseSource | torch.Generator,
     *,
     steps: int | None = None,
-    sampler: SamplerName = "ddpm",
+    sampler: SamplerName = DEFAULT_SAMPLER,
     shape=None,
     start: StartDistribution | None = None,
     grid: TimeGrid | None = None,
@@ -227,14 +219,15 @@ def sample(
     schedule: VPSchedule | None = None,
     callback: Callable[[dict], None] | None = None,
 ) -> SampleOutput:
-    """Sequential reverse-diffusion sampler: DDPM (stochastic exponential integrator) or DDIM (eta = 0).
+    """Sequential reverse-diffusion sampler: any sampler of the registry (``lightning_mlmc.samplers``).
 
     Args:
         model: eps-predictor ``model(x_t, y, t)``.
         y: observation with a leading batch dim of 1 or B (None for an unconditional model).
         noise: a ``NoiseSource`` of shape (B, *event_shape), or a ``torch.Generator`` (then ``shape``).
         steps: number of steps n of the grid (the last one is Tweedie's step to t = 0).
-        sampler: ``"ddpm"`` (stochastic) or ``"ddim"`` (deterministic).
+        sampler: ``"ddpm"`` (stochastic, the default), ``"ddim"`` (deterministic) or ``"dpm2m"``
+            (DPM-Solver++(2M), deterministic, second order).
         start: start distribution (default N(0, I) at t = 1).
         grid: time-grid family (default uniform).
         times: the grid as data instead of ``steps`` and ``grid``: a decreasing float64 tensor
@@ -242,9 +235,10 @@ def sample(
         callback: called after every step with ``{"k", "t", "s", "x"}``.
 
     Returns:
-        ``SampleOutput`` with samples of shape (B, *event_shape) and nfe = steps.
+        ``SampleOutput`` with samples of shape (B, *event_shape), nfe = steps times the sampler's network calls
+        per step.
     """
-    check_sampler(sampler)
+    spec = get_sampler(sampler)
     if isinstance(noise, torch.Generator):
         if shape is None:
             raise InputError("shape: needed when the noise is given as a torch.Generator")
@@ -253,20 +247,23 @@ def sample(
     start = start or gaussian_start()
     times = grid_times(steps, grid, times, start.t, schedule)
     steps = len(times) - 1
-    coef = step_coefficients(times, stochastic=sampler == "ddpm", schedule=schedule)
+    grid_steps = spec.steps(times, schedule)
+    coef = grid_steps.coef
     tic = time.perf_counter()
 
     # Start draw.
     x = start.sample(noise.start())
     y_b = batch_obs(y, x.shape[0])
+    x0_prev = None  # a multistep sampler's x0_hat at the previous point
     # Reverse steps t_k -> t_{k+1}; the last lands on t = 0 (Tweedie, no noise).
     for k in range(steps):
         eps = call_model(model, x, y_b, coef.t[k])
-        x = advance(x, eps, coef, k, noise.step(k) if coef.noise[k] > 0 else None)
+        x, x0_prev = grid_steps.advance(x, eps, k, noise.step(k) if coef.noise[k] > 0 else None, x0_prev)
         check_finite(x, f"step {k} (t = {float(coef.t[k]):.6g} -> {float(coef.s[k]):.6g})")
         if callback is not None:
             callback({"k": k, "t": float(coef.t[k]), "s": float(coef.s[k]), "x": x})
-    return SampleOutput(x, nfe=steps, rounds=steps, steps=steps, wall_seconds=time.perf_counter() - tic)
+    calls = steps * spec.calls_per_step
+    return SampleOutput(x, nfe=calls, rounds=calls, steps=steps, wall_seconds=time.perf_counter() - tic)
 
 
 def sample_ddpm(model: Model, y, noise, *, steps: int, **kw) -> SampleOutput:
@@ -277,3 +274,9 @@ def sample_ddpm(model: Model, y, noise, *, steps: int, **kw) -> SampleOutput:
 def sample_ddim(model: Model, y, noise, *, steps: int, **kw) -> SampleOutput:
     """DDIM with eta = 0 = the exponential integrator of the probability-flow ODE (Song et al. 2021)."""
     return sample(model, y, noise, steps=steps, sampler="ddim", **kw)
+
+
+def sample_dpm2m(model: Model, y, noise, *, steps: int | None = None, **kw) -> SampleOutput:
+    """DPM-Solver++(2M) (Lu et al. 2022): the second-order multistep solver of the probability-flow ODE
+    (``lightning_mlmc.solvers``); x_T is the noise's start draw, as for DDIM."""
+    return sample(model, y, noise, steps=steps, sampler="dpm2m", **kw)

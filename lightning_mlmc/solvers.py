@@ -11,31 +11,20 @@ t_k -> t_{k+1} of step h_k = lambda_{k+1} - lambda_k is
 the exponential integrator with x0_hat extrapolated linearly in lambda from the two latest steps. The first
 step (no history) and the last (to t = 0, where h is infinite and the step is Tweedie's x0_hat) are first order,
 i.e. DDIM. In increment form, as the other samplers: x_{k+1} = x_k + (a_k - 1) x_k + c_k x0_k + c'_k x0_{k-1}.
+The sampler is registered as ``dpm2m`` (``lightning_mlmc.samplers``): ``sample(..., sampler="dpm2m")`` runs it
+sequentially, ``picard_sample`` inside Picard.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 
 from lightning_mlmc.diffusion import eps_to_x0, per_row
-from lightning_mlmc.sampling import (
-    Model,
-    NoiseSource,
-    SampleOutput,
-    StartDistribution,
-    batch_obs,
-    call_model,
-    check_finite,
-    gaussian_start,
-    grid_times,
-)
-from lightning_mlmc.schedule import TimeGrid, VPSchedule
+from lightning_mlmc.schedule import VPSchedule
 
 Tensor = torch.Tensor
-MULTISTEP_SAMPLERS = ("dpm2m",)
 
 
 @dataclass(frozen=True)
@@ -96,41 +85,9 @@ def x0_prediction(x: Tensor, eps: Tensor, mean_t: Tensor, sigma_t: Tensor) -> Te
     return eps_to_x0(x, eps, per_row(mean_t, x), per_row(sigma_t, x))
 
 
-@torch.no_grad()
-def sample_dpm2m(
-    model: Model,
-    y: Tensor | None,
-    noise: NoiseSource,
-    *,
-    steps: int | None = None,
-    start: StartDistribution | None = None,
-    grid: TimeGrid | None = None,
-    times: Tensor | None = None,
-    schedule: VPSchedule | None = None,
-) -> SampleOutput:
-    """DPM-Solver++(2M) (Lu et al. 2022): the sequential second-order multistep sampler of the PF-ODE.
-
-    Args:
-        model: eps-predictor ``model(x_t, y, t)``; y: observation (leading dim 1 or B); noise: its start draw
-            (shape (B, ...)) is x_T's, as for DDIM (the solver injects no noise).
-        steps / grid / times: the grid, as for ``sampling.sample``.
-
-    Returns:
-        ``SampleOutput`` with samples (B, ...) and nfe = rounds = steps.
-    """
-    schedule = schedule or VPSchedule()
-    start = start or gaussian_start()
-    times = grid_times(steps, grid, times, start.t, schedule)
-    coef = dpm2m_coefficients(times, schedule)
-    tic = time.perf_counter()
-    x = start.sample(noise.start())
-    y_b = batch_obs(y, x.shape[0])
-    x0_prev = torch.zeros_like(x)
-    for k in range(len(coef)):
-        eps = call_model(model, x, y_b, coef.t[k])
-        x0 = x0_prediction(x, eps, coef.mean_t[k], coef.sigma_t[k])
-        x = x + dpm2m_increment(x, x0, x0_prev, coef.a_minus_1[k], coef.c_cur[k], coef.c_prev[k])
-        check_finite(x, f"step {k} (t = {float(coef.t[k]):.6g})")
-        x0_prev = x0
-    n = len(coef)
-    return SampleOutput(x, nfe=n, rounds=n, steps=n, wall_seconds=time.perf_counter() - tic)
+def multistep_advance(x: Tensor, eps: Tensor, coef: MultistepCoefficients, k: int,
+                      x0_prev: Tensor) -> tuple[Tensor, Tensor]:
+    """One DPM-Solver++(2M) step: (x_(k+1), x0_hat at x_k) from x_k, the network output ``eps`` at (x_k, t_k) and
+    ``x0_prev``, x0_hat at x_(k-1) (unused at k = 0, where c_prev = 0: pass zeros)."""
+    x0 = x0_prediction(x, eps, coef.mean_t[k], coef.sigma_t[k])
+    return x + dpm2m_increment(x, x0, x0_prev, coef.a_minus_1[k], coef.c_cur[k], coef.c_prev[k]), x0

@@ -46,7 +46,7 @@ def test_converged_picard_matches_sequential(sampler, anderson, slide, make):
 def test_picard_dpm2m_fixed_point_is_the_sequential_solver(anderson):
     """Picard over DPM-Solver++(2M): window 1 is the sequential solver bit for bit, and the converged window
     reproduces it (each step's x0_hat at the previous point comes from the round that last evaluated it)."""
-    from lightning_mlmc.solvers import sample_dpm2m
+    from lightning_mlmc.sampling import sample_dpm2m
 
     model, y, shape = _setup(inpaint4x4())
     grid = TimeGrid("logsnr")

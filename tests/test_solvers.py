@@ -10,7 +10,7 @@ from tests.analytic_cases import bimodal2d, gaussian_inpaint
 
 from lightning_mlmc import ExactPosteriorEps, NoiseSource, TimeGrid, VPSchedule, exact_posterior, sample
 from lightning_mlmc.gaussian_oracle import GaussianLaw, GaussianOracle, affine_law
-from lightning_mlmc.solvers import sample_dpm2m
+from lightning_mlmc.sampling import sample_dpm2m
 
 
 def _dpm2m_law(spec, times) -> GaussianLaw:

@@ -17,6 +17,7 @@ from lightning_mlmc.cli.common import (
 )
 from lightning_mlmc.cli.save_images import add_save_images_arg, check_save_images, write_images
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
+from lightning_mlmc.samplers import DEFAULT_SAMPLER
 
 
 
@@ -65,7 +66,8 @@ def _add_config_args(p) -> None:
                    help="largest share of eps^2 the bias may take (default 0.25)")
     p.add_argument("--payoff", choices=choices("payoff"), default=None, help="default second_moment")
     p.add_argument("--clip", type=positive_float("clip"), default=None)
-    p.add_argument("--sampler", choices=choices("sampler"), default=None, help="default ddpm")
+    p.add_argument("--sampler", choices=choices("sampler"), default=None,
+                   help=f"default {DEFAULT_SAMPLER} (a deterministic sampler couples the paths through x_T alone)")
     p.add_argument("--coupling", choices=choices("coupling"), default=None,
                    help="coarse noise from the fine noises: naive sum / sqrt(M) (default), the seed's weights, "
                         "or weights carried by the step Jacobian for Gaussian data of std --data-std")

@@ -16,21 +16,32 @@ from lightning_mlmc.cli.common import (
 )
 from lightning_mlmc.cli.save_images import add_save_images_arg, check_save_images, write_images
 from lightning_mlmc.errors import InputError
+from lightning_mlmc.samplers import DEFAULT_SAMPLER, PICARD_PREFIX, SAMPLERS, SLIDE_RULES, command_line_samplers
+
+
+def _per_sampler(option: str) -> str:
+    """The registry's default of a Picard option for every sampler, for the help: 'ddpm 16, ddim 16, ...'."""
+    return ", ".join(f"{name} {getattr(spec.picard, option)}" for name, spec in SAMPLERS.items())
 
 
 def add_command(sub) -> None:
     p = sub.add_parser("sample", help="draw posterior samples")
     add_problem_args(p)
-    p.add_argument("--sampler", required=True,
-                   choices=["ddpm", "ddim", "dpm2m", "picard-ddpm", "picard-ddim", "picard-dpm2m"],
-                   help="dpm2m: DPM-Solver++(2M), the second-order multistep solver of the probability-flow ODE")
+    p.add_argument("--sampler", choices=command_line_samplers(), default=DEFAULT_SAMPLER,
+                   help=f"default {DEFAULT_SAMPLER}; "
+                        + "; ".join(f"{name}: {spec.summary}" for name, spec in SAMPLERS.items())
+                        + f"; {PICARD_PREFIX}NAME: the same sampler by sliding-window Picard iteration (ParaDiGMS; "
+                          "the same noise, so the same samples up to the tolerance)")
     p.add_argument("--steps", type=positive_int("steps"), required=True)
     p.add_argument("--num-samples", type=positive_int("num-samples"), required=True)
-    p.add_argument("--window", type=positive_int("window"), default=None, help="Picard window p")
-    p.add_argument("--tol", type=positive_float("tol"), default=1e-3, help="Picard tolerance")
-    p.add_argument("--anderson", type=nonneg_int("anderson"), default=2,
-                   help="triangular Anderson memory (ParaTAA; 0: plain Picard; default 2, the measured best)")
-    p.add_argument("--slide", choices=["paradigms", "prefix"], default="paradigms",
+    p.add_argument("--window", type=positive_int("window"), default=None,
+                   help=f"Picard window p (default per sampler: {_per_sampler('window')})")
+    p.add_argument("--tol", type=positive_float("tol"), default=None,
+                   help=f"Picard tolerance, in units of each step's noise std (default {_per_sampler('tol')})")
+    p.add_argument("--anderson", type=nonneg_int("anderson"), default=None,
+                   help="triangular Anderson memory (ParaTAA; 0: plain Picard; default per sampler, measured by "
+                        f"benchmarks/picard_anderson.py: {_per_sampler('anderson')})")
+    p.add_argument("--slide", choices=SLIDE_RULES, default=None,
                    help="window slide rule: paradigms (by the first unconverged step + 1, the default) or prefix")
     p.add_argument("--max-rounds", type=positive_int("max-rounds"), default=None)
     p.add_argument("--antithetic", action="store_true",
@@ -45,13 +56,12 @@ def add_command(sub) -> None:
 def cmd_sample(args) -> int:
     import numpy as np
 
+    from lightning_mlmc.samplers import get_sampler
     from lightning_mlmc.sampling import NoiseSource, sample
 
-    if args.sampler.startswith("picard"):
-        if args.window is None or args.window < 1:
-            raise InputError("window: expected an integer >= 1 for a Picard sampler")
-        if not (args.tol > 0):
-            raise InputError(f"tol: expected a positive number, got {args.tol}")
+    picard = args.sampler.startswith(PICARD_PREFIX)
+    spec = get_sampler(args.sampler.removeprefix(PICARD_PREFIX))
+    options = spec.picard.with_overrides(args.window, args.tol, args.anderson, args.slide)  # validated there
     if args.antithetic and args.num_samples % 2:
         raise InputError(f"num-samples: antithetic pairs need an even number of samples, got {args.num_samples}")
     check_out(args.out)
@@ -59,25 +69,20 @@ def cmd_sample(args) -> int:
     check_save_images(args.save_images, shape)
     noise = NoiseSource(args.seed, (args.num_samples, *shape), dtype=dtype, device=device, antithetic=args.antithetic)
     grid = make_grid(args)
-    if args.sampler == "dpm2m":
-        from lightning_mlmc.solvers import sample_dpm2m
-
-        out = sample_dpm2m(model, y, noise, steps=args.steps, start=start, grid=grid)
-    elif not args.sampler.startswith("picard-"):
+    if not picard:
         from lightning_mlmc.progress import for_terminal
 
         progress = for_terminal()
         progress.start(f"{args.sampler}: {args.num_samples} samples x {args.steps} steps", args.num_samples * args.steps)
-        out = sample(model, y, noise, steps=args.steps, sampler=args.sampler, start=start, grid=grid,
+        out = sample(model, y, noise, steps=args.steps, sampler=spec.name, start=start, grid=grid,
                      callback=lambda info: progress.advance(args.num_samples))
         progress.close()
     else:
         from lightning_mlmc.picard import picard_sample
 
         out = picard_sample(
-            model, y, noise, steps=args.steps, sampler=args.sampler.removeprefix("picard-"),
-            window=args.window, tol=args.tol, anderson=args.anderson, slide=args.slide, max_rounds=args.max_rounds,
-            start=start, grid=grid,
+            model, y, noise, steps=args.steps, sampler=spec.name, window=options.window, tol=options.tol,
+            anderson=options.anderson, slide=options.slide, max_rounds=args.max_rounds, start=start, grid=grid,
         )
     stats = {"rounds": out.rounds, "nfe": out.nfe, "steps": out.steps, "wall_seconds": out.wall_seconds,
              "sampler": args.sampler, "seed": args.seed, "device": str(device), "antithetic": args.antithetic}

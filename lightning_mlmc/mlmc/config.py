@@ -18,9 +18,10 @@ from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_st
 from lightning_mlmc.mlmc.engine import DEFAULT_ROW_BUDGET
 from lightning_mlmc.mlmc.levels import CoupledLevelSampler, check_M
 from lightning_mlmc.mlmc.payoffs import PAYOFFS, PayoffName, make_payoff
-from lightning_mlmc.mlmc.picard_levels import PICARD_TOL, PicardLevelSampler, check_picard_level_args
+from lightning_mlmc.mlmc.picard_levels import PICARD_TOL, PicardLevelSampler
 from lightning_mlmc.mlmc.state import fingerprint
-from lightning_mlmc.sampling import SamplerName, StartDistribution, check_sampler
+from lightning_mlmc.samplers import SamplerName, check_picard_args, get_sampler
+from lightning_mlmc.sampling import StartDistribution
 from lightning_mlmc.schedule import GRID_KINDS, GridKind, TimeGrid
 
 Tensor = torch.Tensor
@@ -37,7 +38,8 @@ class MLMCConfig:
         grid, rho: the time-grid family and its warp exponent (None: the family's default).
         coupling, data_std: how the coarse noise is built from the fine noises (``data_std``: the
             ``jacobian`` coupling's data scale).
-        sampler: ``ddpm`` (stochastic) or ``ddim`` (deterministic; couples through x_T alone).
+        sampler: a sampler of the registry (``lightning_mlmc.samplers``): ``ddpm`` (stochastic), ``ddim`` or
+            ``dpm2m`` (deterministic; they couple through x_T alone).
         M: refinement factor; lmin: coarsest level or ``"auto"`` (chosen from a coupled pilot run);
         lmax: finest level allowed; n0: pilot samples per level; theta: the bias share of eps^2.
         payoff, clip: f (``second_moment``, ``mean``, ``moments``, or ``mean_std``: the mean and pixel-std maps
@@ -82,7 +84,7 @@ class MLMCConfig:
         self.time_grid()  # checks rho
         check_coupling(self.coupling)
         check_data_std(self.data_std)
-        check_sampler(self.sampler)
+        get_sampler(self.sampler)
         check_M(self.M)
         if self.lmin == "auto":
             if self.lmax < 1:
@@ -103,7 +105,7 @@ class MLMCConfig:
             raise InputError(f"row_budget: expected an integer >= 1, got {self.row_budget}")
         if self.seed < 0:
             raise InputError(f"seed: expected a non-negative integer, got {self.seed}")
-        check_picard_level_args(self.picard_window, self.picard_tol)
+        check_picard_args(window=self.picard_window, tol=self.picard_tol, prefix="picard_")
         if self.switch is not None and (isinstance(self.switch, bool) or not isinstance(self.switch, int)
                                         or self.switch < 1):
             raise InputError(f"switch: expected an integer >= 1 (the level between the two networks), got {self.switch!r}")

@@ -21,14 +21,15 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lightning_mlmc.diffusion import StepCoefficients, advance, step_coefficients
+from lightning_mlmc.diffusion import StepCoefficients
 from lightning_mlmc.errors import InputError, NumericalError
 import lightning_mlmc.mlmc.engine as engine
 from lightning_mlmc.mlmc.coupling import Coupling, check_coupling, check_data_std, coarse_noise_weights
 from lightning_mlmc.mlmc.payoffs import apply_payoff, make_payoff
 from lightning_mlmc.mlmc.protocol import NFE, LevelFunction, UserLevels, check_M, level_cost  # noqa: F401 (re-exported)
 from lightning_mlmc.mlmc.sums import LevelSums
-from lightning_mlmc.sampling import Model, NoiseSource, StartDistribution, check_sampler, gaussian_start, pair_means
+from lightning_mlmc.samplers import DEFAULT_SAMPLER, GridSteps, SamplerName, get_sampler
+from lightning_mlmc.sampling import Model, NoiseSource, StartDistribution, gaussian_start, pair_means
 from lightning_mlmc.schedule import TimeGrid, VPSchedule
 
 Tensor = torch.Tensor
@@ -41,7 +42,8 @@ class CoupledLevelSampler(LevelFunction):
         model: eps-predictor ``model(x_t, y, t)``; y: observation (leading batch dim 1).
         shape: event shape of one sample.
         M: refinement factor; lmin: the coarsest level (plain, uncoupled).
-        sampler: ``"ddpm"`` or ``"ddim"`` (the deterministic sampler couples through x_T alone).
+        sampler: a sampler of the registry (``lightning_mlmc.samplers``): ``"ddpm"`` (the default), ``"ddim"`` or
+            ``"dpm2m"`` (a deterministic sampler couples through x_T alone).
         coupling: ``"naive"`` (sum / sqrt(M), the default: 25-35% smaller V_l at fine levels, exactly on the
             Gaussian oracle for every grid and measured on the trained digits model, benchmarks/mlmc_grids.py)
             or ``"weighted"`` (the seed's variance-coefficient weights), or ``"jacobian"`` (weights carried by
@@ -61,7 +63,8 @@ class CoupledLevelSampler(LevelFunction):
     can_change_lmin = True
 
     def __init__(self, model: Model, y: Tensor | None, shape, *, M: int = 2, lmin: int = 0,
-                 sampler: str = "ddpm", coupling: Coupling = "naive", data_std: float = 0.5, payoff="second_moment",
+                 sampler: SamplerName = DEFAULT_SAMPLER, coupling: Coupling = "naive", data_std: float = 0.5,
+                 payoff="second_moment",
                  start: StartDistribution | None = None, grid: TimeGrid | None = None,
                  schedule: VPSchedule | None = None, seed: int = 0, dtype=torch.float64, device="cpu",
                  antithetic: bool = False, coarse_model: Model | None = None, switch: int | None = None,
@@ -70,7 +73,8 @@ class CoupledLevelSampler(LevelFunction):
         self.coarse_model, self.switch, self._coarse_cost = check_networks(coarse_model, switch, coarse_cost)
         self.antithetic = bool(antithetic)
         self.M, self.lmin = check_M(M), int(lmin)
-        self.sampler, self.coupling = check_sampler(sampler), check_coupling(coupling)
+        self.spec, self.coupling = get_sampler(sampler), check_coupling(coupling)
+        self.sampler = self.spec.name
         self.data_std = check_data_std(data_std)
         self.payoff = make_payoff(payoff) if not callable(payoff) or isinstance(payoff, str) else payoff
         self.start = start or gaussian_start()
@@ -78,7 +82,7 @@ class CoupledLevelSampler(LevelFunction):
         self.seed, self.dtype, self.device = int(seed), dtype, device
         # Payoff components (n for per-pixel payoffs, 2n for moments), found by applying it once.
         self.pixels = int(apply_payoff(self.payoff, torch.zeros(1, int(np.prod(self.shape)))).shape[1])
-        self._coef: dict[int, StepCoefficients] = {}
+        self._steps: dict[int, GridSteps] = {}
         self._weights: dict[int, list[list[float]]] = {}
 
     def with_payoff(self, payoff) -> "CoupledLevelSampler":
@@ -193,12 +197,15 @@ class CoupledLevelSampler(LevelFunction):
             return LevelSums.from_payoffs(pf, pc, calls)
         return LevelSums.from_payoffs(pair_means(pf), None if pc is None else pair_means(pc), calls, single=pf)
 
+    def grid_steps(self, steps: int) -> GridSteps:
+        """The sampler's steps on the grid with ``steps`` steps (cached)."""
+        if steps not in self._steps:
+            self._steps[steps] = self.spec.steps(self.grid.times(steps, self.start.t, self.schedule), self.schedule)
+        return self._steps[steps]
+
     def coefficients(self, steps: int) -> StepCoefficients:
-        """The step coefficients of the grid with ``steps`` steps (cached)."""
-        if steps not in self._coef:
-            times = self.grid.times(steps, self.start.t, self.schedule)
-            self._coef[steps] = step_coefficients(times, self.sampler == "ddpm", self.schedule)
-        return self._coef[steps]
+        """The step coefficients of the grid with ``steps`` steps (cached): times, noise, coupling weights."""
+        return self.grid_steps(steps).coef
 
     def coarse_weights(self, steps: int) -> list[list[float]]:
         """The coarse-noise weights of every coarse step of a fine grid with ``steps`` steps (cached)."""
@@ -236,12 +243,14 @@ class CoupledPaths:
         # coarse steps per fine step: M on a refining level, 1 between two networks on one grid (same noise)
         self.M = sampler.M if sampler.refines(level) else 1
         self.nets = (sampler.fine_network(level), sampler.coarse_network(level))
-        self.cf = sampler.coefficients(self.steps)
-        self.cc = sampler.coefficients(self.steps // self.M) if self.coupled else None
+        self.fine = sampler.grid_steps(self.steps)
+        self.coarse = sampler.grid_steps(self.steps // self.M) if self.coupled else None
+        self.cf = self.fine.coef
         if self.coupled:
             self.weights = sampler.coarse_weights(self.steps) if self.M > 1 else [[1.0]] * self.steps
         self.x_f = sampler.start.sample(self.noise.start())
         self.x_c = self.x_f.clone() if self.coupled else None
+        self.x0_f = self.x0_c = None  # a multistep sampler's x0_hat at each path's previous point
         self.k, self.calls, self.xi_c, self.eps_c = 0, 0, None, None
 
     @property
@@ -272,15 +281,15 @@ class CoupledPaths:
         if self.coupled and xi is not None:
             w = self.weights[j][i]
             self.xi_c = w * xi if self.xi_c is None else self.xi_c + w * xi
-        self.x_f = advance(self.x_f, eps, cf, k, xi)
+        self.x_f, self.x0_f = self.fine.advance(self.x_f, eps, k, xi, self.x0_f)
         if not torch.isfinite(self.x_f).all():
             raise NumericalError(f"non-finite values (NaN or Inf) in the fine path at level {self.level}, "
                                  f"step {k} (t = {float(cf.t[k]):.6g})")
         if self.coupled and i == self.M - 1:
-            self.x_c = advance(self.x_c, self.eps_c, self.cc, j, self.xi_c)
+            self.x_c, self.x0_c = self.coarse.advance(self.x_c, self.eps_c, j, self.xi_c, self.x0_c)
             if not torch.isfinite(self.x_c).all():
                 raise NumericalError(f"non-finite values (NaN or Inf) in the coarse path at level {self.level}, "
-                                     f"coarse step {j} (t = {float(self.cc.t[j]):.6g})")
+                                     f"coarse step {j} (t = {float(self.coarse.coef.t[j]):.6g})")
             self.xi_c = self.eps_c = None
         self.k += 1
 

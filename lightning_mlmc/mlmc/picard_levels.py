@@ -8,11 +8,12 @@ therefore the sequential coupled pair, to float rounding; at a finite tolerance 
 what the per-step criterion allows (a step is accepted when its RMS change per dimension is at most ``tol``
 times its DDPM noise std, as in ``picard_sample``).
 
-The fine path (M^l steps) and the coarse path (M^(l-1) steps) each slide their own window (the coarse window
-1/M of the fine one, so both cover about the same time); one engine call evaluates both windows' rows, so a
-round of every batch of every level is one batched network call when the row budget allows. A batch's
-window is the largest at most ``window`` whose rows fit the budget, so a large batch at a short level
-iterates over fewer steps at once rather than exceeding the budget.
+The fine path (M^l steps) and the coarse path (M^(l-1) steps) each slide their own window
+(``picard.window.SlidingWindow``, the one implementation ``picard_sample`` runs too; plain Picard unless
+``anderson`` is set; the coarse window 1/M of the fine one, so both cover about the same time); one engine call
+evaluates both windows' rows, so a round of every batch of every level is one batched network call when the row
+budget allows. A batch's window is the largest at most ``window`` whose rows fit the budget, so a large batch at a
+short level iterates over fewer steps at once rather than exceeding the budget.
 
 Cost: a Picard round evaluates the whole window, so a level costs more network rows than M^l + M^(l-1) per
 sample; the driver still plans with that formula (``nfe``), and the rows really evaluated are counted
@@ -25,26 +26,17 @@ import math
 
 import torch
 
-from lightning_mlmc.errors import InputError, NumericalError
+from lightning_mlmc.errors import InputError
 from lightning_mlmc.mlmc.levels import CoupledLevelSampler
 from lightning_mlmc.mlmc.sums import LevelSums
-from lightning_mlmc.picard.window import SLIDE_RULES, Trajectory, slide_stride
+from lightning_mlmc.picard.window import SlidingWindow, Trajectory
+from lightning_mlmc.samplers import SlideRule, check_picard_args
 from lightning_mlmc.sampling import NoiseSource
 
 Tensor = torch.Tensor
 # The default tolerance: on examples/inpaint4x4.json (window 64) 0.01 keeps E[(Y_picard - Y_sequential)^2] below
 # 2e-4 V_l at every level up to 512 steps for about 15% more calls than 0.1, which lets it reach 5% of V_l.
 PICARD_TOL = 0.01
-
-
-def check_picard_level_args(window, tol, slide: str = "paradigms") -> None:
-    """One-line errors for the Picard-level options (names as in ``MLMCConfig``; a window of None is off)."""
-    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
-        raise InputError(f"picard_window: expected an integer >= 1, got {window!r}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not (math.isfinite(tol) and tol > 0):
-        raise InputError(f"picard_tol: expected a positive number, got {tol!r}")
-    if slide not in SLIDE_RULES:
-        raise InputError(f"picard_slide: expected one of {', '.join(SLIDE_RULES)}, got {slide!r}")
 
 
 class PicardLevelSampler(CoupledLevelSampler):
@@ -55,25 +47,29 @@ class PicardLevelSampler(CoupledLevelSampler):
             window up to p whose rows fit ``row_budget``.
         tol: per-step tolerance in units of each step's DDPM noise std.
         slide: ``paradigms`` (ParaDiGMS, the default) or ``prefix`` (see ``slide_stride``).
+        anderson: triangular Anderson memory of both paths' windows (0, the default: plain Picard, what the level
+            tolerance was measured with).
         row_budget: the engine's row budget (the most rows one network call takes).
     """
 
-    def __init__(self, *args, window: int, tol: float = PICARD_TOL, slide: str = "paradigms", row_budget: int = 4096,
-                 **kw):
+    def __init__(self, *args, window: int, tol: float = PICARD_TOL, slide: SlideRule = "paradigms",
+                 anderson: int = 0, row_budget: int = 4096, **kw):
         super().__init__(*args, **kw)
         if self.coarse_model is not None:
             raise InputError("picard_window: Picard-parallel levels run on one network; leave out the coarse model "
                              "(--coarse-checkpoint) or picard_window")
         if window is None:
             raise InputError("picard_window: expected an integer >= 1, got None")
-        check_picard_level_args(window, tol, slide)
+        check_picard_args(window, tol, anderson, slide, prefix="picard_")
         if int(row_budget) != row_budget or row_budget < 1:
             raise InputError(f"row_budget: expected an integer >= 1, got {row_budget}")
-        self.window, self.tol, self.slide, self.row_budget = int(window), float(tol), slide, int(row_budget)
+        self.window, self.tol, self.slide, self.anderson = int(window), float(tol), slide, int(anderson)
+        self.row_budget = int(row_budget)
 
     @property
     def scheme(self) -> dict:
-        return {**super().scheme, "picard_window": self.window, "picard_tol": self.tol, "picard_slide": self.slide}
+        return {**super().scheme, "picard_window": self.window, "picard_tol": self.tol, "picard_slide": self.slide,
+                **({"picard_anderson": self.anderson} if self.anderson else {})}
 
     def steppers(self, level: int, n: int, batch_index: int = 0, rank: int = 0,
                  plain: bool = False) -> "PicardCoupledPaths":
@@ -114,52 +110,6 @@ class _CoarseDraws:
         return xi_c if xi_c is not None else torch.zeros_like(self.fine.start())
 
 
-class _Window:
-    """One path's sliding window over its ``Trajectory``: x_0..x_j final, x_(j+1)..x_end iterated."""
-
-    def __init__(self, traj: Trajectory, width: int, tol: float, slide: str):
-        self.traj, self.width, self.tol, self.slide = traj, width, tol, slide
-        self.j, self.filled = 0, 0
-        self._extend()
-
-    @property
-    def done(self) -> bool:
-        return self.j >= self.traj.n
-
-    def end(self) -> int:
-        return min(self.j + self.width, self.traj.n)
-
-    def rows(self) -> int:
-        return 0 if self.done else (self.end() - self.j) * self.traj.batch
-
-    def _extend(self) -> None:
-        """Steps entering the window start from the latest iterate (ParaDiGMS)."""
-        end = self.end()
-        if end > self.filled:
-            self.traj.traj[self.filled + 1 : end + 1] = self.traj.traj[self.filled]
-            self.filled = end
-
-    def inputs(self) -> tuple[Tensor, Tensor]:
-        w, j, end = self.traj, self.j, self.end()
-        xs = w.traj[j:end]
-        return xs.reshape((end - j) * w.batch, *xs.shape[2:]), w.t[j:end].repeat_interleave(w.batch)
-
-    def consume(self, eps: Tensor, what: str) -> None:
-        """One Picard round: x_(j+i+1) <- x_j + the cumulative sum of the window's increments; slide."""
-        w, j, end = self.traj, self.j, self.end()
-        xs = w.traj[j:end]
-        picard = w.traj[j] + torch.cumsum(w.increments(j, end, xs, eps.reshape(xs.shape)), 0)
-        if not torch.isfinite(picard).all():
-            raise NumericalError(f"non-finite values (NaN or Inf) in the {what} at steps {j}..{end - 1} "
-                                 f"(t = {float(w.coef.t[j]):.6g})")
-        stride = slide_stride(w.errors(picard, j), self.tol, self.slide)
-        w.traj[j + 1 : end + 1] = picard
-        self.j += stride
-        w.rounds += 1
-        if not self.done:
-            self._extend()
-
-
 class PicardCoupledPaths:
     """One batch of a level (fine and coarse paths, or plain paths at Lmin or when ``plain``) solved by
     sliding-window Picard iteration; an engine stepper whose every evaluation is one Picard round of both
@@ -176,8 +126,8 @@ class PicardCoupledPaths:
         self.coupled = level > sampler.lmin and not plain
         self.n_coarse = self.steps // self.M if self.coupled else 0
         self.width_f, self.width_c = self._widths(sampler.window, sampler.row_budget)
-        self.fine: _Window | None = None  # allocated at the first round, dropped at the end
-        self.coarse: _Window | None = None
+        self.fine: SlidingWindow | None = None  # allocated at the first round, dropped at the end
+        self.coarse: SlidingWindow | None = None
         self.x_f = self.x_c = None  # the final paths
         self.started = self.finished = False
         self.calls = 0
@@ -206,18 +156,18 @@ class PicardCoupledPaths:
                             antithetic=s.antithetic)
         cf = s.coefficients(self.steps)
         draws = _FineDraws(noise, cf.noise > 0)
-        stochastic = s.sampler == "ddpm"
         times = s.grid.times(self.steps, s.start.t, s.schedule)
         self.started = True
-        self.fine = _Window(Trajectory(None, None, draws, times, stochastic, s.start, s.schedule),
-                            self.width_f, s.tol, s.slide)
+        self.fine = SlidingWindow(Trajectory(None, None, draws, times, s.spec, s.start, s.schedule),
+                                  self.width_f, s.tol, s.slide, s.anderson, what=f"fine path at level {self.level}")
         if self.coupled:
             # The coarse grid is every M-th fine time (the grid families nest exactly), as CoupledPaths evaluates it.
             coarse = Trajectory(None, None, _CoarseDraws(draws, s.coarse_weights(self.steps), self.M),
-                                times[:: self.M], stochastic, s.start, s.schedule)
-            self.coarse = _Window(coarse, self.width_c, s.tol, s.slide)
+                                times[:: self.M], s.spec, s.start, s.schedule)
+            self.coarse = SlidingWindow(coarse, self.width_c, s.tol, s.slide, s.anderson,
+                                        what=f"coarse path at level {self.level}")
 
-    def _active(self) -> list[_Window]:
+    def _active(self) -> list[SlidingWindow]:
         return [w for w in (self.fine, self.coarse) if w is not None and not w.done]
 
     def rows(self) -> int:
@@ -242,7 +192,7 @@ class PicardCoupledPaths:
         start = 0
         for w in self._active():
             rows = w.rows()
-            w.consume(eps[start : start + rows], "fine path" if w is self.fine else "coarse path")
+            w.consume(eps[start : start + rows])
             start += rows
         if not self._active():
             self.x_f = self.fine.traj.traj[-1].clone()

@@ -32,15 +32,8 @@ import torch
 from lightning_mlmc.errors import InputError
 from lightning_mlmc.picard.corrector import CorrectorPlan, corrector_noise, corrector_rule, run_corrector
 from lightning_mlmc.picard.window import Trajectory
-from lightning_mlmc.sampling import (
-    Model,
-    NoiseSource,
-    SampleOutput,
-    StartDistribution,
-    check_finite,
-    check_sampler,
-    gaussian_start,
-)
+from lightning_mlmc.samplers import DEFAULT_SAMPLER, SamplerName, get_sampler
+from lightning_mlmc.sampling import Model, NoiseSource, SampleOutput, StartDistribution, check_finite, gaussian_start
 from lightning_mlmc.schedule import VPSchedule
 
 Tensor = torch.Tensor
@@ -122,7 +115,7 @@ def piadm_sample(
     blocks: int,
     points: int,
     sweeps: int,
-    sampler: str = "ddpm",
+    sampler: SamplerName = DEFAULT_SAMPLER,
     delta: float = 1e-3,
     clock: BlockClock = "logsnr",
     corrector: bool = False,
@@ -141,9 +134,10 @@ def piadm_sample(
             ``NoiseSource`` of the sequential sampler (draws of shape (B, ...)).
         blocks, points, delta: the grid (``piadm_times``); sweeps: K >= 1 sweeps per block (K >= points is
             the sequential sampler on that grid).
-        sampler: ``"ddpm"`` (PIADM-SDE) or ``"ddim"`` (PIADM-ODE, the probability-flow exponential integrator).
-        corrector: PIADM-ODE's corrector after every block, at the block's end time; its friction, step size
-            and step count follow ``corrector_rule`` (``corrector_accuracy``; ``corrector_steps`` overrides M),
+        sampler: any sampler of the registry: ``"ddpm"`` (PIADM-SDE), ``"ddim"`` (PIADM-ODE, the probability-flow
+            exponential integrator) or ``"dpm2m"`` (the ODE by DPM-Solver++(2M) inside the blocks).
+        corrector: PIADM-ODE's corrector (deterministic samplers) after every block, at the block's end time; its
+            friction, step size and step count follow ``corrector_rule`` (``corrector_accuracy``; ``corrector_steps`` overrides M),
             solved in ``corrector_blocks`` blocks of ``corrector_sweeps`` Picard sweeps (default: exact).
 
     Returns:
@@ -151,18 +145,19 @@ def piadm_sample(
         sweeps and the Tweedie step), nfe (network evaluations per sample), ``stats["times"]`` and the
         per-sweep residuals (RMS change in units of each step's DDPM std).
     """
-    check_sampler(sampler)
+    spec = get_sampler(sampler)
     if int(sweeps) != sweeps or sweeps < 1:
         raise InputError(f"sweeps: expected K >= 1, got {sweeps}")
-    if corrector and sampler != "ddim":
-        raise InputError("corrector: only for PIADM-ODE (sampler ddim); PIADM-SDE has no corrector")
+    if corrector and spec.stochastic:
+        raise InputError(f"corrector: only for PIADM-ODE (a deterministic sampler); PIADM-SDE ({sampler}) has no "
+                         "corrector")
     if corrector_steps is not None and (int(corrector_steps) != corrector_steps or corrector_steps < 1):
         raise InputError(f"corrector_steps: expected an integer >= 1, got {corrector_steps}")
     schedule = schedule or VPSchedule()
     start = start or gaussian_start()
     times = piadm_times(blocks, points, delta, start.t, schedule, clock)
     tic = time.perf_counter()
-    w = Trajectory(model, y, noise, times, sampler == "ddpm", start, schedule)
+    w = Trajectory(model, y, noise, times, spec, start, schedule)
     dim = math.prod(w.traj.shape[2:])
     residuals, plans = [], []
     for b, (j, end) in enumerate(block_bounds(blocks, points, w.n)):
