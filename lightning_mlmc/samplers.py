@@ -65,6 +65,9 @@ class PicardOptions:
     slide: SlideRule = "paradigms"
 
     def __post_init__(self):
+        for name, value in dataclasses.asdict(self).items():
+            if value is None:
+                raise InputError(f"{name}: expected a value, got None")
         check_picard_args(self.window, self.tol, self.anderson, self.slide)
 
     def with_overrides(self, window=None, tol=None, anderson=None, slide=None) -> "PicardOptions":

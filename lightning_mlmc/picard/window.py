@@ -31,14 +31,7 @@ import torch
 from lightning_mlmc.diffusion import step_increment
 from lightning_mlmc.errors import NumericalError
 from lightning_mlmc.picard.anderson import TriangularAnderson
-from lightning_mlmc.samplers import (
-    DEFAULT_SAMPLER,
-    SLIDE_RULES,
-    SamplerName,
-    SamplerSpec,
-    SlideRule,
-    get_sampler,
-)
+from lightning_mlmc.samplers import DEFAULT_SAMPLER, SamplerName, SamplerSpec, SlideRule, get_sampler
 from lightning_mlmc.sampling import (
     Model,
     NoiseSource,
@@ -53,7 +46,6 @@ from lightning_mlmc.schedule import TimeGrid, VPSchedule
 from lightning_mlmc.solvers import dpm2m_increment, x0_prediction
 
 Tensor = torch.Tensor
-__all__ = ["SLIDE_RULES", "SlidingWindow", "Trajectory", "picard_sample", "slide_stride"]
 
 
 class Trajectory:
