@@ -24,6 +24,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import time
 
 import torch
@@ -44,6 +45,9 @@ GRID = "logsnr"  # the MLMC default grid
 
 
 def train(args, run_dir: str) -> None:
+    # A fresh run folder: Lightning would otherwise resume from the last.ckpt a previous run left there (the CLI's
+    # OnExceptionCheckpoint makes fit's ckpt_path default to "last"), timer included.
+    shutil.rmtree(run_dir, ignore_errors=True)
     argv = ["distill", "--config", CONFIG, "--model.teacher", args.teacher, "--trainer.default_root_dir", run_dir,
             "--model.export_dir", os.path.join(run_dir, "export"), "--trainer.enable_progress_bar", "false"]
     if args.channels:
