@@ -56,6 +56,8 @@ def train(args, run_dir: str) -> None:
         argv += ["--model.attention", "true"]
     if args.dsm_weight is not None:
         argv += ["--model.dsm_weight", str(args.dsm_weight)]
+    if args.max_steps:
+        argv += ["--trainer.max_steps", str(args.max_steps)]
     if args.max_time:
         argv += ["--trainer.max_time", args.max_time]
     rc = cli_main(argv)
@@ -106,7 +108,9 @@ def main(argv=None) -> int:
     ap.add_argument("--channels", type=int, nargs="+", help="student widths (default: the config's)")
     ap.add_argument("--attention", action="store_true", help="self-attention in the student")
     ap.add_argument("--dsm-weight", type=float, help="default: the config's")
-    ap.add_argument("--max-time", help="training cap DD:HH:MM:SS (default: the config's)")
+    ap.add_argument("--max-steps", type=int, help="training steps (default: the config's 3000)")
+    ap.add_argument("--max-time", default="00:00:10:00", help="a safety cap DD:HH:MM:SS, above the config's 5 "
+                    "minutes so that the step count, not the machine's load, ends training and runs compare")
     ap.add_argument("--paths", type=int, default=200)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training and measuring (1: on a "
