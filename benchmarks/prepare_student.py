@@ -113,6 +113,7 @@ def main(argv=None) -> int:
                     "minutes so that the step count, not the machine's load, ends training and runs compare")
     ap.add_argument("--paths", type=int, default=200)
     ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0, help="seed of the shared noise of the paths")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for training and measuring (1: on a "
                     "busy 2-core machine a training step took 0.11 s with one thread and 0.2-1.7 s with two)")
     ap.add_argument("--reuse", action="store_true", help="measure an existing export instead of training")
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
     log(f"  eps mismatch {row['eps']['eps_mismatch']:.5f} (DSM: student {row['eps']['student_dsm']:.4f}, "
         f"teacher {row['eps']['teacher_dsm']:.4f})")
     y = load_observation(args.observation, teacher.operator)
-    row["paths"] = paired_paths(teacher, student, y, args.paths, args.steps)
+    row["paths"] = paired_paths(teacher, student, y, args.paths, args.steps, args.seed)
     p = row["paths"]
     row["mlmc_cost_factor_x2"] = (math.sqrt(row["flops_ratio"]) + math.sqrt(p["var_ratio_x2"])) ** 2
     log(f"  Var ratio x {p['var_ratio_x']:.4f}, x^2 {p['var_ratio_x2']:.4f}; RMS second-moment difference "
