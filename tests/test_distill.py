@@ -98,7 +98,8 @@ def test_the_loss_targets_the_teachers_eps_not_the_noise(teacher):
     the denoising loss (the DSM target eps) is not; dsm_weight adds that loss."""
     dm = teacher["dm"]
     x0, y = dm.validation_observations(16)
-    module = DistillModule(teacher["export"], channels=[8, 16], attention=False, student_init=teacher["export"])
+    module = DistillModule(teacher["export"], channels=[8, 16], attention=False, student_init=teacher["export"],
+                           dsm_weight=0.0)
     losses = module.losses(x0, y, torch.Generator().manual_seed(1))
     assert torch.equal(losses["eps_mismatch"], torch.zeros(16))
     assert torch.equal(losses["loss"], torch.zeros(16))
