@@ -43,6 +43,8 @@ _LAZY = {
     "load_score_module": "lightning_mlmc.module",
     "load_score_model": "lightning_mlmc.module",
     "load_exported": "lightning_mlmc.module",
+    "DistillModule": "lightning_mlmc.distill",
+    "flops_per_row": "lightning_mlmc.distill",
     "MLPEps": "lightning_mlmc.networks",
     "unet_for": "lightning_mlmc.networks",
     "Operator": "lightning_mlmc.operators",

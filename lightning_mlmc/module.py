@@ -63,8 +63,9 @@ class ScoreModel(nn.Module):
             eps = unet_eps(self.network, x, cond, t)
         return eps.to(device=x_t.device, dtype=x_t.dtype)
 
-    def export(self, folder: str) -> None:
-        """Write a diffusers model folder (config.json + safetensors) plus the operator/schedule JSON."""
+    def export(self, folder: str, extra: dict | None = None) -> None:
+        """Write a diffusers model folder (config.json + safetensors) plus the operator/schedule JSON
+        (``extra``: more JSON keys for it, e.g. a distilled student's teacher)."""
         os.makedirs(folder, exist_ok=True)
         self.network.save_pretrained(folder, safe_serialization=True)
         meta = {
@@ -72,6 +73,7 @@ class ScoreModel(nn.Module):
             "network": self.kind,
             "operator": self.operator.config(),
             "schedule": {"beta_min": self.schedule.beta_min, "beta_max": self.schedule.beta_max},
+            **(extra or {}),
         }
         with open(os.path.join(folder, EXPORT_CONFIG), "w") as f:
             json.dump(meta, f, indent=1)
@@ -94,6 +96,37 @@ def load_exported(folder: str) -> ScoreModel:
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"checkpoint: cannot load the exported model in {folder!r}: {e}") from None
     return ScoreModel(network.eval(), operator_from_config(meta["operator"]), VPSchedule(**meta["schedule"]))
+
+
+def build_network(op: Operator, network: str = "unet", channels=(32, 64), layers_per_block: int = 1,
+                  attention: bool = True, mlp_hidden: int = 256, mlp_layers: int = 3) -> nn.Module:
+    """The eps-network of ``ScoreModule`` (and of a distilled student) for the operator's problem."""
+    if network == "unet":
+        if len(op.shape) != 3:
+            raise InputError(f"model.network: the UNet needs image data (C, H, W), got shape {list(op.shape)}; "
+                             "use network: mlp for vector problems")
+        return unet_for(op.shape, op.cond_channels, channels, layers_per_block, attention)
+    if network == "mlp":
+        cond_dim = int(torch.Size(op.observation_shape).numel()) if len(op.shape) == 1 else \
+            op.cond_channels * int(torch.Size(op.shape[1:]).numel())
+        return MLPEps(int(torch.Size(op.shape).numel()), cond_dim, mlp_hidden, mlp_layers)
+    raise InputError(f"model.network: expected unet or mlp, got {network!r}")
+
+
+def diffuse(x0: Tensor, schedule: VPSchedule, t_min: float,
+            generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The training draw of denoising score matching: t ~ U[t_min, 1], eps ~ N(0, I),
+    x_t = m(t) x0 + sigma(t) eps. Returns (x_t of x0's shape, t (B,) float64, eps)."""
+    batch = x0.shape[0]
+    kw = {"generator": generator, "device": x0.device if generator is None else generator.device}
+    u = torch.rand(batch, dtype=torch.float64, **kw)
+    t = t_min + (1.0 - t_min) * u
+    eps = torch.randn(x0.shape, dtype=x0.dtype, **kw).to(x0.device)
+    t = t.to(x0.device)
+    view = (batch,) + (1,) * (x0.dim() - 1)
+    m = schedule.mean(t).to(x0.dtype).reshape(view)
+    s = schedule.sigma(t).to(x0.dtype).reshape(view)
+    return m * x0 + s * eps, t, eps
 
 
 class ScoreModule(pl.LightningModule):
@@ -138,17 +171,7 @@ class ScoreModule(pl.LightningModule):
             raise InputError(f"model.warmup_steps: expected >= 0, got {warmup_steps}")
         self.save_hyperparameters()
         op = operator_from_config(operator)
-        if network == "unet":
-            if len(op.shape) != 3:
-                raise InputError(f"model.network: the UNet needs image data (C, H, W), got shape {list(op.shape)}; "
-                                 "use network: mlp for vector problems")
-            net = unet_for(op.shape, op.cond_channels, channels, layers_per_block, attention)
-        elif network == "mlp":
-            cond_dim = int(torch.Size(op.observation_shape).numel()) if len(op.shape) == 1 else \
-                op.cond_channels * int(torch.Size(op.shape[1:]).numel())
-            net = MLPEps(int(torch.Size(op.shape).numel()), cond_dim, mlp_hidden, mlp_layers)
-        else:
-            raise InputError(f"model.network: expected unet or mlp, got {network!r}")
+        net = build_network(op, network, channels, layers_per_block, attention, mlp_hidden, mlp_layers)
         self.model = ScoreModel(net, op, VPSchedule(beta_min, beta_max))
 
     @property
@@ -166,26 +189,22 @@ class ScoreModule(pl.LightningModule):
     # -- training ----------------------------------------------------------------------------------
     def dsm_loss(self, x0: Tensor, y: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Per-sample denoising score-matching loss E|eps_theta(x_t, y, t) - eps|^2, shape (B,)."""
-        batch = x0.shape[0]
-        kw = {"generator": generator, "device": x0.device if generator is None else generator.device}
-        u = torch.rand(batch, dtype=torch.float64, **kw)
-        t = self.hparams.t_min + (1.0 - self.hparams.t_min) * u
-        eps = torch.randn(x0.shape, dtype=x0.dtype, **kw).to(x0.device)
-        t = t.to(x0.device)
-        view = (batch,) + (1,) * (x0.dim() - 1)
-        m = self.schedule.mean(t).to(x0.dtype).reshape(view)
-        s = self.schedule.sigma(t).to(x0.dtype).reshape(view)
-        eps_hat = self.model(m * x0 + s * eps, y, t)
-        return (eps_hat - eps).pow(2).flatten(1).mean(1)
+        x_t, t, eps = diffuse(x0, self.schedule, self.hparams.t_min, generator)
+        return (self.model(x_t, y, t) - eps).pow(2).flatten(1).mean(1)
+
+    def losses(self, x0: Tensor, y: Tensor, generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """Per-sample losses (B,) by name; ``"loss"`` is the one minimised (the others are logged)."""
+        return {"loss": self.dsm_loss(x0, y, generator)}
 
     def _common_step(self, batch, batch_idx: int, stage: str) -> Tensor:
         x0, y = batch
         # Validation/test noise is fixed by the batch index, so the loss is comparable across epochs.
         generator = None if stage == "train" else torch.Generator().manual_seed(10_007 * batch_idx + 1)
-        loss = self.dsm_loss(x0, y, generator).mean()
-        self.log(f"{stage}/loss", loss, prog_bar=True, on_step=stage == "train", on_epoch=True,
-                 sync_dist=stage != "train", batch_size=x0.shape[0])
-        return loss
+        losses = {name: value.mean() for name, value in self.losses(x0, y, generator).items()}
+        for name, value in losses.items():
+            self.log(f"{stage}/{name}", value, prog_bar=name == "loss", on_step=stage == "train", on_epoch=True,
+                     sync_dist=stage != "train", batch_size=x0.shape[0])
+        return losses["loss"]
 
     @override
     def training_step(self, batch, batch_idx):

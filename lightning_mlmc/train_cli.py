@@ -1,4 +1,5 @@
-"""``lightning-mlmc fit|validate|test|predict --config configs/<name>.yaml``: LightningCLI for ``ScoreModule``.
+"""``lightning-mlmc fit|validate|test|predict --config configs/<name>.yaml``: LightningCLI for ``ScoreModule``;
+``lightning-mlmc distill --config ...`` is ``fit`` for ``distill.DistillModule`` (a student of a trained teacher).
 
 The datamodule is chosen by ``class_path`` in the config (``datamodules.DigitsDataModule``, ...), so the
 library never imports ``datamodules``. The datamodule's operator is linked into ``model.operator``.
@@ -158,15 +159,22 @@ def check_ckpt_path(path) -> None:
 
 
 def run_lightning_cli(argv: list[str]) -> int:
-    """Run a LightningCLI subcommand; parse and config errors become one-line ``InputError`` s."""
+    """Run a LightningCLI subcommand; parse and config errors become one-line ``InputError`` s.
+    ``distill ...`` runs ``fit ...`` with ``DistillModule`` as the model."""
     from jsonargparse import ArgumentError
+
+    model_class = ScoreModule
+    if argv and argv[0] == "distill":
+        from lightning_mlmc.distill import DistillModule
+
+        model_class, argv = DistillModule, ["fit", *argv[1:]]
 
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     # "Seed set to 0" would be a second stderr line in front of a one-line error; the seed is in config.yaml.
     logging.getLogger("lightning_fabric.utilities.seed").setLevel(logging.WARNING)
     try:
         MLMCLightningCLI(
-            ScoreModule,
+            model_class,
             pl.LightningDataModule,
             subclass_mode_data=True,
             args=argv,

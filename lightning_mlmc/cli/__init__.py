@@ -1,4 +1,4 @@
-"""Command line: ``lightning-mlmc sample | mlmc | mlmc-test | fit | validate | test | predict``
+"""Command line: ``lightning-mlmc sample | mlmc | mlmc-test | fit | validate | test | predict | distill``
 (also ``python -m lightning_mlmc ...``).
 
 Bad input exits with status 2 and one line naming the field; nothing half-written is left behind
@@ -14,7 +14,7 @@ from lightning_mlmc.cli import mlmc_cmd, sample_cmd
 from lightning_mlmc.cli.common import PROG, Parser
 from lightning_mlmc.errors import InputError, NumericalError, WeakConvergenceFailure
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict", "distill")  # distill: fit a student (distill.py)
 
 
 def build_parser() -> Parser:
@@ -36,7 +36,7 @@ def main(argv=None) -> int:
     def run():
         args = parser.parse_args(argv)
         if getattr(args, "func", None) is None:
-            raise InputError("command: expected one of sample, mlmc, mlmc-test, fit, validate, test, predict")
+            raise InputError("command: expected one of sample, mlmc, mlmc-test, fit, validate, test, predict, distill")
         return args.func(args)
 
     return _guarded(run)
