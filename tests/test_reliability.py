@@ -21,6 +21,7 @@ from tests.analytic_cases import EXAMPLES, bimodal2d
 
 from lightning_mlmc import ExactPosteriorEps
 from lightning_mlmc.cli import main as cli_main
+from lightning_mlmc.mlmc import MLMCConfig
 from lightning_mlmc.errors import InputError, NumericalError
 from lightning_mlmc.mlmc import CoupledLevelSampler, mlmc
 from lightning_mlmc.module import ScoreModule, load_score_module
@@ -374,8 +375,8 @@ CONSTRUCTORS = [
     ("noise seed", lambda: NoiseSource(-1, (2, 2)), "seed"),
     ("digits operator", lambda: __import__("datamodules").DigitsDataModule(operator={"name": "blur"}), "operator"),
     ("mlmc callback eps", lambda: _callback("MLMCCallback", eps=0), "eps"),
-    ("mlmc callback coupling", lambda: _callback("MLMCCallback", coupling="best"), "coupling"),
-    ("mlmc callback lmin", lambda: _callback("MLMCCallback", lmin="soon"), "lmin"),
+    ("mlmc callback coupling", lambda: _callback("MLMCCallback", mlmc=MLMCConfig(coupling="best")), "coupling"),
+    ("mlmc callback lmin", lambda: _callback("MLMCCallback", mlmc=MLMCConfig(lmin="soon")), "lmin"),
     ("picard callback window", lambda: _callback("PicardCallback", window=0), "window"),
     ("picard callback tol", lambda: _callback("PicardCallback", tol=-1.0), "tol"),
 ]

@@ -177,7 +177,7 @@ LIGHT_CALLBACKS = """
 trainer:
   callbacks:
     - class_path: callbacks.MLMCCallback
-      init_args: {eps: 0.5, observations: 1, lmin: 1, lmax: 2, n0: 4}
+      init_args: {eps: 0.5, observations: 1, mlmc: {lmin: 1, lmax: 2, n0: 4, clip: 2.0}}
     - class_path: callbacks.PicardCallback
       init_args: {steps: 8, window: 4, observations: 1, samples_per_observation: 2}
     - class_path: pytorch_lightning.callbacks.EMAWeightAveraging

@@ -42,7 +42,7 @@ import lightning_mlmc.mlmc.rounds as rounds
 from lightning_mlmc.mlmc.config import MLMCConfig
 from lightning_mlmc.mlmc.protocol import LevelFunction
 from lightning_mlmc.mlmc.lmin import LminChoice
-from lightning_mlmc.mlmc.plan import MAX_ALPHA, MAX_JUMP, Rates, fit_rates, level_variances, optimal_samples, plan
+from lightning_mlmc.mlmc.plan import MAX_ALPHA, MAX_JUMP, Rates, first_pilot, fit_rates, level_variances, optimal_samples, plan  # noqa: F401,E501
 from lightning_mlmc.mlmc.result import MLMCResult
 from lightning_mlmc.mlmc.state import DriverState, fingerprint
 
@@ -141,8 +141,7 @@ class _Run:
         the finest sampled level while none is), and at least Lmin + 2 as in Giles' algorithm."""
         first = asymptotic_level(moments, self.lmin)
         low = max(self.lmin + 2, (first if first is not None else moments[-1].level) + 1)
-        # levels between two networks: two refining levels above the last one, so the bias extrapolates
-        # from the finest network's own levels
+        # two refining levels above a network switch: the bias extrapolates from the finest network's levels
         switches = [l for l in range(self.lmin + 1, self.s.lmax + 1) if not self.levels.refines(l)]
         if switches:
             low = max(low, switches[-1] + 2)
@@ -273,12 +272,6 @@ class _Run:
     # -- result -------------------------------------------------------------------------------------------
     def result(self, converged: bool, wall_seconds: float, method: str) -> MLMCResult:
         return finish.result(self, converged, wall_seconds, method)
-
-
-def first_pilot(n0: int, pixels: int) -> int:
-    """The first pilot per level: enough samples that the pixel-averaged variances rest on about 32
-    values (their relative error about 25%), at least 4 and at most n0."""
-    return max(4, min(n0, math.ceil(32 / max(pixels, 1)) + 1))
 
 
 def mlmc(

@@ -203,3 +203,9 @@ def predicted_plain_mc(moments: list[LevelMoments], lmin: int, M: int, eps: floa
         if n * plain_cost(level) < best[2]:
             best = (level, n, n * plain_cost(level))
     return best
+
+
+def first_pilot(n0: int, pixels: int) -> int:
+    """The first pilot per level: enough samples that the pixel-averaged variances rest on about 32
+    values (their relative error about 25%), at least 4 and at most n0."""
+    return max(4, min(n0, math.ceil(32 / max(pixels, 1)) + 1))

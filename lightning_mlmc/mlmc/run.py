@@ -115,7 +115,7 @@ def _run_driver(config: MLMCConfig, levels, eps: float, *, state_path=None, stat
               row_budget=config.row_budget, state_path=state_path, state_key=state_key, progress=progress)
     if config.lmin != "auto":
         return mlmc(levels, eps, **kw)
-    follow = levels.coarse_model is not None and config.switch is None
+    follow = config.coarse_checkpoint is not None and config.switch is None
     return mlmc_auto(levels, eps, switch_above_lmin=follow, **kw)
 
 
@@ -125,7 +125,7 @@ def run_mlmc_test(config: MLMCConfig, levels: CoupledLevelSampler, finest: int, 
     ``lmin: auto``, Lmin chosen first from a coupled pilot of ``samples`` samples per level)."""
     pilot_nfe = 0.0
     if config.lmin == "auto":
-        follow = levels.coarse_model is not None and config.switch is None
+        follow = config.coarse_checkpoint is not None and config.switch is None
         pilot = choose_lmin(levels.coarse_levels() if follow else levels, min(samples, config.n0), finest,
                             batch_size=config.batch_size, budget=config.row_budget, progress=progress)
         levels = (levels.with_switch(pilot.lmin + 1) if follow else levels).with_lmin(pilot.lmin)
