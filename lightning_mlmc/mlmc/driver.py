@@ -6,10 +6,10 @@ Each round draws every pending sample, then one phase decides what the next roun
     pilot   N0 samples on levels Lmin..Lmin+2, sized by cost: a first small pilot predicts the run's cost
             and the pilot grows to at most ``pilot_fraction`` of it (``_pilot_growth``)
     decide  predicted plain MC cheaper than the predicted MLMC run? finish as plain MC (``_mc_round``)
-    mlmc    plan L and every N_l from the fitted rates in one round (``plan``), then Giles' loop:
-            the bias test at L (``_bias_test``), the optimal N_l for the variance left by the bias
-            (``optimal_samples``), a new level (several at once when the extrapolation says so) when the
-            test fails, more samples at the finest levels when it is undecided (``_settle``)
+    mlmc    plan L and every N_l from the fitted rates in one round (``plan``), then Giles' loop: the optimal
+            N_l for the variance left by the bias (``optimal_samples``), the bias test at L, a new level
+            (several when the extrapolation says so) when it fails, the cheapest way to decide it when it
+            is undecided (``guards.settle``, ``guards.topup``, a new level)
 
 Vector payoffs (n pixels): the MSE target is the pixel-averaged MSE <= eps^2; level means and biases are
 averaged over pixels with their noise floor removed (``estimates``).
@@ -23,18 +23,9 @@ from dataclasses import dataclass
 
 from lightning_mlmc.errors import InputError, WeakConvergenceFailure
 from lightning_mlmc.progress import Progress
-from lightning_mlmc.mlmc.estimates import (
-    LevelMoments,
-    asymptotic_level,
-    SquaredBias,
-    bias_of_level,
-    floor_untrusted,
-    near_normal,
-    level_moments,
-    plain_mc_alternative,
-    remaining_bias_weights,
-    tail_relative_sd,
-)
+from lightning_mlmc.mlmc.estimates import (LevelMoments, SquaredBias, asymptotic_level, bias_of_level, floor_untrusted,
+                                            level_moments, near_normal, plain_mc_alternative, remaining_bias_weights,
+                                            tail_relative_sd)
 import lightning_mlmc.mlmc.engine as engine
 import lightning_mlmc.mlmc.finish as finish
 import lightning_mlmc.mlmc.guards as guards
@@ -197,9 +188,9 @@ class _Run:
     # -- MLMC ---------------------------------------------------------------------------------------------
     def mlmc_round(self, moments: list[LevelMoments], rates: Rates) -> tuple[dict[int, int], bool]:
         """(samples to draw next, converged), in Giles' order: the optimal N_l for the variance the bias
-        leaves first; once they are drawn (the run is almost converged) the bias test at L decides, on
-        those samples rather than the pilot's: within its share -> done; clearly above it -> finer levels;
-        undecided -> more samples at the finest levels, or a new level when that is cheaper."""
+        leaves first; once they are drawn the bias test at L decides, on those samples rather than the pilot's:
+        within its share -> done; clearly above it -> finer levels; undecided -> the cheapest of more samples at
+        the finest levels (``settle``), a new level, or a variance sized for the bias's upper value (``topup``)."""
         more, converged = self._mlmc_round(moments, rates)
         grow = guards.untrusted_growth(self, moments)  # levels without variation: sampled further before the run ends
         if grow:
@@ -228,9 +219,8 @@ class _Run:
         sizing = level_variances(moments, self.lmin, self.M)
         var = [sizing[m.level] for m in moments]
         cost = [self.levels.cost(m.level) for m in moments]
-        # Giles' split: the variance gets (1 - theta) eps^2 whatever the bias turns out to be (a bias measured
-        # small late, after rounds capped by ``capped``, would otherwise hand the variance nearly all of eps^2 and
-        # leave no margin for variances that heavy-tailed levels underestimate)
+        # Giles' split: the variance gets at most (1 - theta) eps^2, however small the bias turns out (a bias measured
+        # small late would otherwise leave no margin for variances that heavy-tailed levels underestimate)
         ns = optimal_samples(var, cost, s.eps**2 - room)
         dn = {m.level: max(0, k - m.n) for m, k in zip(moments, ns)}
         if any(dn[m.level] > 0.01 * m.n for m in moments):
@@ -239,9 +229,14 @@ class _Run:
             short = {l: k for l, k in dn.items() if k > 0}
             return short, not short
         settle = guards.settle(self, moments, rates, bias, room) if bias.value <= room else {}
+        topup = guards.topup(self, moments, var, cost, bias, room)  # the bias's uncertainty paid by the variance
+        if topup is not None and not any(k > 0.01 * st.sums[l].n for l, k in topup.items()):
+            return topup, not topup
         sparse = guards.sparse_growth(self, moments)
         if sparse and price(sparse) < min(price(grow) if st.L < s.lmax else math.inf, price(settle) if settle else math.inf):
             return sparse, False  # the cheapest information first: sparse levels' means
+        if topup and price(topup) <= min(price(grow) if st.L < s.lmax else math.inf, price(settle) if settle else math.inf):
+            return topup, False
         if st.L < s.lmax and (not settle or price(grow) < price(settle)):
             self.grow_to(new_L)
             return grow, False
@@ -302,8 +297,8 @@ def mlmc(
             wrapped in ``UserLevels``); its M, Lmin and cost per level are the driver's.
         eps: target RMSE (pixel-averaged).
         lmax: the finest level allowed; n0: the largest pilot per level.
-        theta: the largest share of eps^2 the bias may take; the variance gets eps^2 minus the bias's upper
-            confidence value (at least (1 - theta) eps^2).
+        theta: the bias's share of eps^2: its estimate at most theta eps^2 and its upper value at most twice
+            that (``guards.topup``); the variance gets the rest, at most (1 - theta) eps^2.
         alpha0, beta0, gamma0: fixed rates (fitted when None, floored at 0.5 as Giles).
         batch_size: samples per batch (each batch is one noise stream); the sums are saved as batches finish.
         row_budget: the most rows one network call takes; a round advances all its batches together.

@@ -31,6 +31,7 @@ from lightning_mlmc.mlmc.estimates import SquaredBias, remaining_bias_weights
 from lightning_mlmc.mlmc.plan import Rates, optimal_samples, plan
 
 ROUND_GROWTH = 12  # a round costs at most this many times what the run has spent before it (``capped``)
+UPPER_SHARE = 2.0  # ``topup``: the bias's upper value may take up to this many times its share theta eps^2
 SETTLE_SE = 1.5  # ``settle`` aims the bias estimate's standard errors this many times within its room
 RAISE_GAIN = 2.0  # Lmin is raised when that cuts what MLMC still needs by at least this factor (``decide``)
 UPPER_COUNT = 4.74  # 95% upper bound of a Poisson count of which one was seen (``trust_cap``)
@@ -92,6 +93,21 @@ def settle(run, moments: list[LevelMoments], rates: Rates, bias: SquaredBias, ro
         return {}
     target = optimal_samples(w, [run.levels.cost(m.level) for m in levels], current / factor)
     return {m.level: k - m.n for m, k in zip(levels, target) if k > m.n}
+
+
+def topup(run, moments: list[LevelMoments], var: list[float], cost: list[float], bias: SquaredBias,
+          room: float) -> dict[int, int] | None:
+    """An undecided bias test paid for by the variance: when the bias's point value is within its share
+    theta eps^2 and its upper value (one standard error up) within ``UPPER_SHARE`` times that, the run may
+    size the variance for what that upper value leaves, eps^2 - upper, instead of settling the bias or
+    adding a finer level (the run takes the cheapest of the three). The estimated MSE, bias one standard
+    error up, still stays within eps^2; only the split moves (Collier et al. 2015 choose it per run too).
+    Returns the samples still needed for that budget (level -> more samples; {} when none), or None when the
+    upper value is too large for it."""
+    if bias.value > room or bias.upper > UPPER_SHARE * room:
+        return None
+    more = optimal_samples(var, cost, run.s.eps**2 - bias.upper)
+    return {m.level: k - m.n for m, k in zip(moments, more) if k > m.n}
 
 
 # -- what the run has spent and still plans ------------------------------------------------------------------

@@ -17,6 +17,7 @@ from lightning_mlmc.mlmc.estimates import (
     LevelMoments,
     bias_of_level,
     debiased_rms,
+    pooled_plain_variance,
     remaining_bias_weights,
     sizing_variance,
 )
@@ -129,6 +130,9 @@ def level_variances(moments: list[LevelMoments], lmin: int | None = None, M: int
     V = (N_l V_l + k V_fit) / (N_l + k). The plain level Lmin, and every level while fewer than three coupled
     levels exist, use their own V_l one standard error up (``sizing_variance``)."""
     out = {m.level: sizing_variance(m) for m in moments if m.n > 1}
+    plain = plain_level_variance(moments, lmin)
+    if plain is not None:
+        out[lmin] = plain
     coupled = [m for m in moments if lmin is not None and m.level > lmin and m.n > 1 and m.refines]
     if len(coupled) < 3:
         return out
@@ -140,6 +144,21 @@ def level_variances(moments: list[LevelMoments], lmin: int | None = None, M: int
         fit = math.exp(intercept + slope * m.level)
         out[m.level] = (m.n * float(m.var.mean()) + PRIOR_SAMPLES * fit) / (m.n + PRIOR_SAMPLES)
     return out
+
+
+def plain_level_variance(moments: list[LevelMoments], lmin: int | None) -> float | None:
+    """V[P_Lmin] one standard error up, from every path of that law the run holds: the samples of the plain
+    level Lmin and the coarse paths of level Lmin + 1 (independent streams; a network switch's coarse paths
+    are another grid's and do not count). None when Lmin has fewer than two samples."""
+    by = {m.level: m for m in moments}
+    base = by.get(lmin) if lmin is not None else None
+    if base is None or base.n < 2:
+        return None
+    above = by.get(lmin + 1)
+    if above is None or above.n < 1 or not above.refines:
+        return sizing_variance(base)
+    var, n = pooled_plain_variance(moments, lmin, lmin)
+    return var * (1.0 + math.sqrt(max(base.kurtosis, 3.0) - 1.0) / math.sqrt(n))
 
 
 MAX_JUMP = 2  # levels a plan may add at once (the extrapolation is only as good as alpha)
