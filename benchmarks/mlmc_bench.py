@@ -166,6 +166,22 @@ def run_mc(target: Target, scheme: MLMCConfig, steps: int, n: int, seed: int, *,
     return out
 
 
+REFERENCE_STEPS = 1024
+
+
+def plain_reference(target, pairs: int, batch: int = 50) -> dict:
+    """Plain antithetic MC of the target's model at ``REFERENCE_STEPS`` steps: the estimate and its RMS standard error
+    (from the spread of the batch means), independent of the MLMC code."""
+    means, tic = [], time.perf_counter()
+    for b in range(math.ceil(pairs / batch)):
+        r = run_mc(target, MLMCConfig(), REFERENCE_STEPS, batch, 5000 + b, antithetic=True)
+        means.append(np.array(r["estimate"]))
+        log(f"  reference batch {b + 1}: {r['nfe']} NFEs")
+    m = np.stack(means)
+    return {"steps": REFERENCE_STEPS, "pairs": len(means) * batch, "estimate": m.mean(0).tolist(),
+            "se_rms": float(np.sqrt((m.var(0, ddof=1) / len(m)).mean())), "seconds": time.perf_counter() - tic}
+
+
 def summarise(runs: list[dict], key: str = "error") -> dict:
     """Mean NFE, measured RMSE over the runs (sqrt of the mean squared error) and its spread."""
     errs = [r[key] for r in runs if key in r]

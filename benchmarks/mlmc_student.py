@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from benchmarks.machine import machine_info
-from benchmarks.mlmc_bench import ROOT, log, rmse_to_truth, run_mc, trained_target, write_result
+from benchmarks.mlmc_bench import ROOT, log, plain_reference, rmse_to_truth, run_mc, trained_target, write_result
 from lightning_mlmc import WeakConvergenceFailure
 from lightning_mlmc.cli.common import load_coarse_model
 from lightning_mlmc.mlmc import MLMCConfig, run_mlmc
@@ -37,22 +37,6 @@ from lightning_mlmc.mlmc.network_cost import flops_per_row
 
 OUT = os.path.join(ROOT, "benchmarks", "results", "mlmc_student.json")
 RUN_DIR = os.path.join(ROOT, "runs", "digits_superres")
-REFERENCE_STEPS = 1024
-
-
-def reference(target, pairs: int, batch: int = 50) -> dict:
-    """Plain antithetic MC of the teacher at ``REFERENCE_STEPS`` steps: the estimate and its RMS standard error
-    (from the spread of the batch means), independent of the MLMC code."""
-    means, tic = [], time.perf_counter()
-    for b in range(math.ceil(pairs / batch)):
-        r = run_mc(target, MLMCConfig(), REFERENCE_STEPS, batch, 5000 + b, antithetic=True)
-        means.append(np.array(r["estimate"]))
-        log(f"  reference batch {b + 1}: {r['nfe']} NFEs")
-    m = np.stack(means)
-    return {"steps": REFERENCE_STEPS, "pairs": len(means) * batch, "estimate": m.mean(0).tolist(),
-            "se_rms": float(np.sqrt((m.var(0, ddof=1) / len(m)).mean())), "seconds": time.perf_counter() - tic}
-
-
 def mlmc_run(target, config: MLMCConfig, eps: float, coarse=None) -> dict:
     levels = config.level_sampler(target.model, target.y, target.shape, dtype=target.dtype, device=target.device,
                                   coarse_model=coarse)
@@ -101,7 +85,7 @@ def main(argv=None) -> None:
         with open(student_json) as f:
             out["student_training"] = json.load(f)
     if "reference" not in out or out["reference"].get("pairs", 0) < args.reference_pairs:
-        out["reference"] = reference(target, args.reference_pairs)
+        out["reference"] = plain_reference(target, args.reference_pairs)
         write_result(OUT, out)
     target = replace(target, truth=torch.tensor(out["reference"]["estimate"], dtype=torch.float64))
     gflops = flops["teacher"] / 1e9
