@@ -233,9 +233,10 @@ class _Run:
         if topup is not None and not any(k > 0.01 * st.sums[l].n for l, k in topup.items()):
             return topup, not topup
         sparse = guards.sparse_growth(self, moments)
-        if sparse and price(sparse) < min(price(grow) if st.L < s.lmax else math.inf, price(settle) if settle else math.inf):
+        others = min(price(grow) if st.L < s.lmax else math.inf, price(settle) if settle else math.inf)
+        if sparse and price(sparse) < others:
             return sparse, False  # the cheapest information first: sparse levels' means
-        if topup and price(topup) <= min(price(grow) if st.L < s.lmax else math.inf, price(settle) if settle else math.inf):
+        if topup and price(topup) <= others:
             return topup, False
         if st.L < s.lmax and (not settle or price(grow) < price(settle)):
             self.grow_to(new_L)

@@ -127,8 +127,9 @@ def level_variances(moments: list[LevelMoments], lmin: int | None = None, M: int
     half the truth, and the run then misses its RMSE target; sized one standard error up it is often
     twice, and the run overspends); it is pooled with the V_l that the fit of log V_l against l over the
     coupled levels predicts, as if that prediction were ``PRIOR_SAMPLES`` more samples:
-    V = (N_l V_l + k V_fit) / (N_l + k). The plain level Lmin, and every level while fewer than three coupled
-    levels exist, use their own V_l one standard error up (``sizing_variance``)."""
+    V = (N_l V_l + k V_fit) / (N_l + k). The plain level Lmin uses every path of its law one standard error up
+    (``plain_level_variance``); every other level, while fewer than three coupled levels exist, its own V_l one
+    standard error up (``sizing_variance``)."""
     out = {m.level: sizing_variance(m) for m in moments if m.n > 1}
     plain = plain_level_variance(moments, lmin)
     if plain is not None:
